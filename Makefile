@@ -1,0 +1,26 @@
+# `make test` and `make demo` set themselves up on a fresh machine: they create
+# .venv, install the pinned requirements and the package, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup test parity clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+parity: setup
+	$(BIN)/python ../shared/tools/official_parity.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
