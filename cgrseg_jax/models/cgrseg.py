@@ -1,0 +1,131 @@
+"""CGRSeg: EfficientFormerV2 backbone + context-guided spatial feature
+reconstruction head, NHWC. `VARIANTS` is the one table of model sizes."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cgrseg_jax.models import efficientformer_v2, resize
+from cgrseg_jax.models.dpg_head import DPGHead, spatial_gather
+from cgrseg_jax.models.layers import ConvBN, conv, dropout2d, hard_sigmoid
+from cgrseg_jax.models.rcm import RCM
+
+Dtype = Any
+
+# Upstream configs local_configs/cgrseg/cgrseg-{t,b,l}_ade20k_160k.py; 'tiny' is
+# ours, for fast tests only (S0 backbone, narrow head).
+VARIANTS = {
+    't': dict(backbone='s1', drop_path_rate=0.0, channels=128, next_repeat=5, band_kernel=11),
+    'b': dict(backbone='s2', drop_path_rate=0.02, channels=256, next_repeat=6, band_kernel=11),
+    'l': dict(backbone='l', drop_path_rate=0.1, channels=256, next_repeat=5, band_kernel=9),
+    'tiny': dict(backbone='s0', drop_path_rate=0.0, channels=32, next_repeat=1, band_kernel=5),
+}
+
+
+class RCMStack(nn.Module):
+  """Stacked RCMs on the pooled pyramid (`trans.transformer_blocks` upstream)."""
+  depth: int
+  band_kernel: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    for i in range(self.depth):
+      x = RCM(self.band_kernel, dtype=self.dtype, name=f'transformer_blocks_{i}')(x, train)
+    return x
+
+
+class FuseBlock(nn.Module):
+  """Gate the projected local tokens with hard-sigmoid(projected global part),
+  upsampled bilinearly (`FuseBlockMulti` upstream)."""
+  channels: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, local, global_, train: bool):
+    names = ('conv', 'bn')
+    x = ConvBN(self.channels, bias=False, names=names, dtype=self.dtype, name='fuse1')(local, train)
+    g = ConvBN(self.channels, bias=False, names=names, dtype=self.dtype, name='fuse2')(global_, train)
+    return x * resize.resize_bilinear(hard_sigmoid(g), x.shape[1:3])
+
+
+class CGRSegHead(nn.Module):
+  """Decode head on the stride 8/16/32 maps; returns logits at stride 8."""
+  in_channels: Sequence[int]
+  channels: int
+  num_classes: int
+  next_repeat: int
+  band_kernel: int
+  dropout_ratio: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, feats, train: bool = False):
+    feats = [f.astype(self.dtype) for f in feats]
+    # Pyramid pooling to half the coarsest map (rounded up), then global context.
+    h, w = feats[-1].shape[1:3]
+    size = ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
+    pooled = jnp.concatenate([resize.adaptive_avg_pool(f, size) for f in feats], axis=-1)
+    pooled = RCMStack(self.next_repeat, self.band_kernel, dtype=self.dtype, name='trans')(pooled, train)
+    splits = [sum(self.in_channels[:i + 1]) for i in range(len(self.in_channels) - 1)]
+    global_parts = jnp.split(pooled, splits, axis=-1)
+
+    # Coarse to fine: refine local tokens with an RCM and fuse with the global part.
+    x = None
+    for i in reversed(range(len(self.in_channels))):
+      local = feats[i]
+      if x is not None:
+        up = resize.resize_bilinear(x, local.shape[1:3])
+        local = local + conv(self.in_channels[i], 1, dtype=self.dtype, name=f'conv_{i}')(up)
+      local = RCM(self.band_kernel, dtype=self.dtype, name=f'meta_{i}')(local, train)
+      x = FuseBlock(self.channels, dtype=self.dtype, name=f'SIM_{i}')(local, global_parts[i], train)
+
+    dropout = dropout2d(self.dropout_ratio)
+    conv_seg = conv(self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
+                    name='conv_seg')
+
+    def classify(y):  # mmseg's cls_seg: the same dropout and classifier both times
+      return conv_seg(dropout(y, deterministic=not train))
+
+    fused = ConvBN(self.channels, groups=self.channels, bias=False, act=jax.nn.relu, names=('conv', 'bn'),
+                   dtype=self.dtype, name='linear_fuse')(x, train)
+    first = classify(fused)
+    context = spatial_gather(x, first)
+    refined = DPGHead(self.channels, dtype=self.dtype, name='lgc')(x, context) + x
+    return classify(refined)
+
+
+class CGRSegModel(nn.Module):
+  """The segmentor: `__call__` gives logits (N, H, W, K) at the input size."""
+  backbone: nn.Module
+  decode_head: nn.Module
+  dtype: Dtype = jnp.float32
+
+  def extract_features(self, x, train: bool = False):
+    """The four backbone maps (strides 4, 8, 16, 32)."""
+    return self.backbone(jnp.asarray(x, self.dtype), train)
+
+  def decode(self, x, train: bool = False):
+    """Head logits at stride 8, float32."""
+    feats = self.extract_features(x, train)
+    return self.decode_head(feats[1:], train).astype(jnp.float32)
+
+  def __call__(self, x, train: bool = False):
+    return resize.resize_bilinear(self.decode(x, train), x.shape[1:3])
+
+
+def build_segmentor(variant: str = 't', num_classes: int = 150, dtype: Dtype = jnp.float32,
+                    drop_path_rate: float | None = None, resolution: int = 512) -> CGRSegModel:
+  """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
+  float32); `drop_path_rate` overrides the variant's backbone stochastic depth."""
+  if variant not in VARIANTS:
+    raise ValueError(f'unknown CGRSeg variant {variant!r}; expected one of {sorted(VARIANTS)}')
+  cfg = VARIANTS[variant]
+  rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
+  backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype)
+  head = CGRSegHead(tuple(backbone.widths[1:]), cfg['channels'], num_classes, cfg['next_repeat'],
+                    cfg['band_kernel'], dtype=dtype)
+  return CGRSegModel(backbone, head, dtype=dtype)
