@@ -194,15 +194,19 @@ def state_dict_to_variables(state: Mapping[str, Any], variant: Optional[str] = N
     raise ConversionError(f'checkpoint has {found_classes} classes (decode_head.conv_seg.weight), '
                           f'but num_classes={num_classes} was requested')
   template = variable_shapes(found_variant, found_classes)
-  variables, report = _load(state, template, strict=True)
+  variables, report = fill_from_state_dict(state, template, strict=True)
   report.variant, report.num_classes = found_variant, found_classes
   return variables, report
 
 
-def _load(state: Mapping[str, Any], template: Mapping[str, Any], strict: bool,
-          prefix: str = '', zero_if_missing: tuple[str, ...] = ()) -> tuple[dict, LoadReport]:
-  """Fill `template` (nested shapes, keys of which carry `prefix` in the torch
-  names) from `state`; see the callers for the policies."""
+def fill_from_state_dict(state: Mapping[str, Any], template: Mapping[str, Any], strict: bool = True,
+                         prefix: str = '', zero_if_missing: tuple[str, ...] = ()) -> tuple[dict, LoadReport]:
+  """Fill `template` (a variables tree of shapes, e.g. from `jax.eval_shape` of
+  any module's `init`) from a PyTorch state dict of the matching module.
+
+  `prefix` is cut from the PyTorch names the template produces; variables whose
+  name ends with one of `zero_if_missing` may be absent and start at zero.
+  `strict` makes unknown checkpoint keys an error instead of a skip."""
   report = LoadReport()
   flat = {}
   for (collection, path), leaf in _flatten(template).items():
@@ -281,7 +285,7 @@ def load_backbone_checkpoint(path: str, backbone: Optional[str] = None, return_r
   shapes = jax.eval_shape(lambda: model.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   template = {c: {'backbone': t} for c, t in shapes.items()}
   try:
-    variables, report = _load(state, template, strict=False, prefix='backbone.',
+    variables, report = fill_from_state_dict(state, template, strict=False, prefix='backbone.',
                               zero_if_missing=('attention_biases_seg',))
   except ConversionError as e:
     raise ConversionError(f'{path}: {e}') from None
@@ -342,5 +346,44 @@ def save_torch_checkpoint(path: str, variables: Mapping[str, Any], meta: Optiona
   """Write variables as an mmseg checkpoint `{'meta': ..., 'state_dict': ...}`."""
   import torch
 
-  state = {k: torch.from_numpy(v) for k, v in variables_to_state_dict(variables).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in variables_to_state_dict(variables).items()}
   torch.save({'meta': dict(meta or {}), 'state_dict': state}, path)
+
+
+# --------------------------------------------------------------------------- orbax
+
+def save_variables(directory: str, variables: Mapping[str, Any], variant: str, num_classes: int,
+                   source: str = ''):
+  """Write converted variables as an orbax checkpoint plus `cgrseg.json`
+  (variant, classes), the format `load_variables` and the training config's
+  `init` read."""
+  import json
+  import os
+
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  tree = {c: variables[c] for c in ('params', 'batch_stats')}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, 'variables'), tree)
+  with open(os.path.join(directory, 'cgrseg.json'), 'w') as f:
+    json.dump(dict(variant=variant, num_classes=num_classes, source=source), f, indent=2)
+
+
+def load_variables(directory: str) -> tuple[dict, dict]:
+  """Read a directory written by `save_variables` -> (variables, meta)."""
+  import json
+  import os
+
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  meta_path = os.path.join(directory, 'cgrseg.json')
+  if not os.path.exists(meta_path):
+    raise ConversionError(f'{directory}: not a converted CGRSeg checkpoint (no cgrseg.json)')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  template = variable_shapes(meta['variant'], meta['num_classes'])
+  with ocp.StandardCheckpointer() as ckptr:
+    variables = ckptr.restore(os.path.join(directory, 'variables'), template)
+  return dict(variables), meta

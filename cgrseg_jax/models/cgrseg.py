@@ -118,14 +118,17 @@ class CGRSegModel(nn.Module):
 
 
 def build_segmentor(variant: str = 't', num_classes: int = 150, dtype: Dtype = jnp.float32,
-                    drop_path_rate: float | None = None, resolution: int = 512) -> CGRSegModel:
+                    drop_path_rate: float | None = None, dropout_ratio: float = 0.1,
+                    resolution: int = 512) -> CGRSegModel:
   """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
-  float32); `drop_path_rate` overrides the variant's backbone stochastic depth."""
+  float32); `drop_path_rate` overrides the variant's backbone stochastic depth;
+  `dropout_ratio` is the Dropout2d rate before the classifier; `resolution` the
+  crop size the attention-bias tables are laid out for (512 upstream)."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown CGRSeg variant {variant!r}; expected one of {sorted(VARIANTS)}')
   cfg = VARIANTS[variant]
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
   backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype)
   head = CGRSegHead(tuple(backbone.widths[1:]), cfg['channels'], num_classes, cfg['next_repeat'],
-                    cfg['band_kernel'], dtype=dtype)
+                    cfg['band_kernel'], dropout_ratio=dropout_ratio, dtype=dtype)
   return CGRSegModel(backbone, head, dtype=dtype)

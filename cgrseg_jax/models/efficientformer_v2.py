@@ -258,6 +258,12 @@ class Stage(nn.Module):
     return x
 
 
+def drop_path_rates(depths: Sequence[int], rate: float) -> list[tuple[float, ...]]:
+  """Stochastic depth grows linearly over all blocks, 0 for the first to `rate` for the last."""
+  total = sum(depths)
+  return [tuple(rate * (sum(depths[:i]) + j) / max(total - 1, 1) for j in range(d)) for i, d in enumerate(depths)]
+
+
 class EfficientFormerV2(nn.Module):
   """Returns the four stage outputs (strides 4, 8, 16, 32), NHWC.
 
@@ -277,14 +283,12 @@ class EfficientFormerV2(nn.Module):
   def __call__(self, x, train: bool = False):
     x = PatchEmbed(self.widths[0], dtype=self.dtype, name='patch_embed')(x, train)
 
-    total = sum(self.depths)
     outs = []
-    for i, (dim, depth) in enumerate(zip(self.widths, self.depths)):
-      start = sum(self.depths[:i])
-      rates = [self.drop_path_rate * (start + j) / (total - 1) for j in range(depth)]
+    rates = drop_path_rates(self.depths, self.drop_path_rate)
+    for i, dim in enumerate(self.widths):
       res = math.ceil(self.resolution / 2 ** (i + 2))
       x = Stage(dim, tuple(self.mlp_ratios[i]), self.vit_num if i >= 2 else 0, res,
-                2 if i == 2 else None, tuple(rates), dtype=self.dtype, name=f'network_{2 * i}')(x, train)
+                2 if i == 2 else None, rates[i], dtype=self.dtype, name=f'network_{2 * i}')(x, train)
       outs.append(x)
       if i + 1 < len(self.widths):
         x = Embedding(self.widths[i + 1], attention=i >= 2, resolution=res, dtype=self.dtype,

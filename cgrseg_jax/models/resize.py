@@ -18,6 +18,14 @@ import numpy as np
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 
 
+def _source_coords(in_size: int, out_size: int) -> np.ndarray:
+  """Half-pixel source coordinates, in float32 arithmetic as PyTorch's CPU
+  kernels compute them (float64 here would shift weights by ~1e-5)."""
+  scale = np.float64(np.float32(np.float32(in_size) / np.float32(out_size)))
+  # One rounding of scale * (dst + 0.5) - 0.5, as a fused multiply-add gives.
+  return (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """2-tap indices and weights of PyTorch bilinear, align_corners=False.
@@ -25,17 +33,17 @@ def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np
   source = (dst + 0.5) * in/out - 0.5, clamped below at 0; the upper neighbour
   is clamped to the last index.
   """
-  scale = in_size / out_size
-  src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+  src = np.maximum(_source_coords(in_size, out_size), np.float32(0))
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
-  w1 = np.clip(src - i0, 0.0, 1.0)
-  return i0, i1, (1.0 - w1).astype(np.float32), w1.astype(np.float32)
+  w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
+  return i0, i1, np.float32(1) - w1, w1
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
   """Keys cubic convolution weights for taps at offsets -1, 0, 1, 2 (a=-0.75)."""
-  a = _CUBIC_A
+  a = np.float32(_CUBIC_A)
+  t = t.astype(np.float32)
 
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
@@ -49,8 +57,7 @@ def _cubic_weights(t: np.ndarray) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   """4-tap indices (clamped to the border) and weights of PyTorch bicubic."""
-  scale = in_size / out_size
-  src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5  # not clamped for cubic
+  src = _source_coords(in_size, out_size)  # not clamped for cubic
   base = np.floor(src)
   idx = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3)[None, :], 0, in_size - 1)
   return idx, _cubic_weights(src - base).astype(np.float32)
