@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?=
+# Two workers: XLA compiles are mostly single-threaded, so they overlap well.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup test parity clean
 
