@@ -34,14 +34,13 @@ def _reference(variant, seed, num_classes=150, dropout=True):
   return torch_mod, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
-@jax.jit
-def _eval_all(variables, x, *, model):
+def _eval_all(variables, x, model):
   feats = model.apply(variables, x, train=False, method='extract_features')
   head = model.apply(variables, x, train=False, method='decode')
   return feats, head, model.apply(variables, x, train=False)
 
 
-_eval_all = jax.jit(_eval_all.__wrapped__, static_argnames='model')
+_eval_all = jax.jit(_eval_all, static_argnames='model')
 
 
 @pytest.mark.parametrize('variant', ['t', 'b', 'l'])
@@ -51,12 +50,10 @@ def test_eval_forward_matches_reference(variant, hw):
   torch_mod.eval()
   x = np.random.default_rng(0).standard_normal((1, *hw, 3)).astype(np.float32)
   with torch.no_grad():
-    xt = nchw(x)
-    want_feats = [nhwc(f) for f in torch_mod.extract_features(xt)]
-    want_head = nhwc(torch_mod.decode(want_feats and [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2)))
-                                                      for f in want_feats]))
-    want = nhwc(torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(want_head.transpose(0, 3, 1, 2))),
-                                                size=hw, mode='bilinear', align_corners=False))
+    feats_t = torch_mod.extract_features(nchw(x))
+    head_t = torch_mod.decode(feats_t)
+    want = nhwc(torch.nn.functional.interpolate(head_t, size=hw, mode='bilinear', align_corners=False))
+  want_feats, want_head = [nhwc(f) for f in feats_t], nhwc(head_t)
   feats, head, logits = _eval_all(variables, x, model=build_segmentor(variant))
   for f, w in zip(feats, want_feats):
     assert_close(f, w, rtol=1e-4)

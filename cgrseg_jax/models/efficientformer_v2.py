@@ -144,7 +144,6 @@ class LGQuery(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    c = x.shape[-1]
     local = StridedDepthwise(dtype=self.dtype, name='local')(x)
     q = local + x[:, ::2, ::2, :]  # AvgPool2d(kernel 1, stride 2) is plain subsampling
     return ConvBN(self.out_dim, dtype=self.dtype, name='proj')(q, train)
@@ -258,6 +257,19 @@ class Stage(nn.Module):
     return x
 
 
+class PatchEmbed(nn.Module):
+  """Stem: two 3x3 stride-2 conv + BN + GELU (children '0', '1', '3', '4')."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = conv(self.dim // 2, 3, stride=2, padding=1, dtype=self.dtype, name='0')(x)
+    x = gelu(BatchNorm(dtype=self.dtype, name='1')(x, train))
+    x = conv(self.dim, 3, stride=2, padding=1, dtype=self.dtype, name='3')(x)
+    return gelu(BatchNorm(dtype=self.dtype, name='4')(x, train))
+
+
 def drop_path_rates(depths: Sequence[int], rate: float) -> list[tuple[float, ...]]:
   """Stochastic depth grows linearly over all blocks, 0 for the first to `rate` for the last."""
   total = sum(depths)
@@ -294,19 +306,6 @@ class EfficientFormerV2(nn.Module):
         x = Embedding(self.widths[i + 1], attention=i >= 2, resolution=res, dtype=self.dtype,
                       name=f'network_{2 * i + 1}')(x, train)
     return outs
-
-
-class PatchEmbed(nn.Module):
-  """Stem: two 3x3 stride-2 conv + BN + GELU (children '0', '1', '3', '4')."""
-  dim: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = conv(self.dim // 2, 3, stride=2, padding=1, dtype=self.dtype, name='0')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='1')(x, train))
-    x = conv(self.dim, 3, stride=2, padding=1, dtype=self.dtype, name='3')(x)
-    return gelu(BatchNorm(dtype=self.dtype, name='4')(x, train))
 
 
 def build_backbone(name: str, drop_path_rate: float = 0.0, resolution: int = 512,
