@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Two workers: XLA compiles are mostly single-threaded, so they overlap well.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test parity clean
+.PHONY: setup test demo parity clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+# The main job on the built-in synthetic dataset; run it again to resume.
+WORKDIR ?= runs/demo
+demo: setup
+	$(BIN)/python main.py --config=configs/synthetic_t.py --workdir=$(WORKDIR)
 
 parity: setup
 	$(BIN)/python ../shared/tools/official_parity.py

@@ -1,0 +1,139 @@
+"""Config -> input pipelines (cgrseg_jax.data), and the one thing the training
+loop needs on top of them: reading several process shards in one process.
+
+`data.emulate_process_count = n` makes each of the `jax.process_count()` real
+processes read `n / process_count` consecutive shards of an n-process run and
+concatenate their batches, so a run on 1 host sees exactly the global batches
+(same samples, same augmentation draws, same row order) as a run on n hosts.
+The 2-process test compares against such a run; it is also how a pod run can
+be replayed on one machine. The iterator state of all shards is checkpointed
+together (grain's orbax handler calls `get_state`/`set_state` on it).
+"""
+from __future__ import annotations
+
+import json
+import grain
+import jax
+import numpy as np
+
+from cgrseg_jax.data import pipeline as dp
+
+
+def shard_layout(config) -> tuple[list[int], int]:
+  """(shard indices this process reads, total shard count)."""
+  n_proc, p = jax.process_count(), jax.process_index()
+  n = config.data.get('emulate_process_count') or n_proc
+  if n % n_proc:
+    raise ValueError(f'config.data.emulate_process_count={n} must be a multiple of the {n_proc} processes')
+  k = n // n_proc
+  return list(range(p * k, (p + 1) * k)), n
+
+
+def _source_kwargs(config) -> dict:
+  if config.data.dataset != 'synthetic':
+    return {}
+  s = config.data.synthetic
+  return dict(num_classes=s.num_classes, image_size=tuple(s.image_size), seed=config.seed)
+
+
+def _synthetic_samples(config, split: str) -> dict:
+  s = config.data.synthetic
+  return dict(num_samples=s.num_train if split == 'train' else s.num_val)
+
+
+class ShardedTrainIterator:
+  """Concatenates the batches of several grain train iterators (one per shard)."""
+
+  def __init__(self, iterators: list[grain.DatasetIterator]):
+    self.iterators = iterators
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self.iterators]
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  # grain's orbax CheckpointHandler: bytes in, bytes out for non-DatasetIterators.
+  def get_state(self) -> bytes:
+    return json.dumps([it.get_state() for it in self.iterators]).encode()
+
+  def set_state(self, state: bytes):
+    states = json.loads(state.decode())
+    if len(states) != len(self.iterators):
+      raise ValueError(f'checkpointed data iterator has {len(states)} shards, this run reads '
+                       f'{len(self.iterators)}; keep data.emulate_process_count / the process count unchanged')
+    for it, s in zip(self.iterators, states):
+      it.set_state(s)
+
+  def start_prefetch(self):
+    for it in self.iterators:
+      if hasattr(it, 'start_prefetch'):
+        it.start_prefetch()
+
+
+def train_iterator(config) -> ShardedTrainIterator:
+  """This process's share of the global training batches."""
+  shards, count = shard_layout(config)
+  local_batch = config.batch_size // count
+  if local_batch * count != config.batch_size:
+    raise ValueError(f'config.batch_size={config.batch_size} does not divide over {count} data shards')
+  d = config.data
+  kwargs = _source_kwargs(config)
+  if d.dataset == 'synthetic':
+    kwargs.update(_synthetic_samples(config, 'train'))
+  its = []
+  for s in shards:
+    its.append(dp.make_train_iterator(
+        d.dataset, root=d.root, split=d.train_split, crop_size=tuple(d.crop_size), img_scale=tuple(d.img_scale),
+        ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio, batch_size=local_batch,
+        seed=config.seed, num_workers=d.workers, num_classes=config.model.num_classes, flip_prob=d.flip_prob,
+        photometric=d.photometric, shard_index=s, shard_count=count, worker_buffer=d.prefetch,
+        source_kwargs=kwargs or None))
+  return ShardedTrainIterator(its)
+
+
+def eval_data(config) -> dp.EvalData:
+  """This process's share of the validation set (every image once overall)."""
+  d = config.data
+  n_proc = jax.process_count()
+  if config.eval_batch_size % n_proc:
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} does not divide over {n_proc} processes')
+  kwargs = _source_kwargs(config)
+  source = info = None
+  if d.dataset == 'synthetic':
+    kwargs.update(_synthetic_samples(config, 'val'))
+  if d.get('eval_max_images'):
+    source, info = dp.resolve_source(d.dataset, d.root, d.val_split, source_kwargs=kwargs or None,
+                                     num_classes=config.model.num_classes)
+    source = _Head(source, d.eval_max_images)
+  return dp.make_eval_dataset(
+      d.dataset, root=d.root, split=d.val_split, img_scale=tuple(d.img_scale),
+      batch_size=config.eval_batch_size // n_proc, size_divisor=d.size_divisor,
+      max_buckets=d.eval_max_buckets or None, num_workers=0, num_classes=config.model.num_classes,
+      source=source, info=info, source_kwargs=(kwargs or None) if source is None else None)
+
+
+class _Head:
+  """The first n records of a source."""
+
+  def __init__(self, source, n: int):
+    self.source, self.n = source, min(int(n), len(source))
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self.n:
+      raise IndexError(i)
+    return self.source[i]
+
+  def size(self, i):
+    if hasattr(self.source, 'size'):
+      return self.source.size(i)
+    return self.source[i]['label'].shape[:2]
+
+  def __repr__(self):
+    return f'first {self.n} of {self.source!r}'

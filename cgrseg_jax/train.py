@@ -1,0 +1,337 @@
+"""Training and evaluation loop (upstream mmseg 0.27 recipe, SPEC §6).
+
+Reads top to bottom: mesh, data, model and optimizer, sharding, step,
+checkpoint, loop. One `jax.jit` train step: the state is replicated, the
+global batch is one array sharded over the mesh axis 'data' (all devices of
+all processes), so BatchNorm's batch statistics are those of the global
+batch (SyncBN) and gradients are global means, with no explicit collectives.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cgrseg_jax import batches, checkpointing, evaluate, evaluate_tta, losses, optim
+from cgrseg_jax.data import pipeline as dp
+from cgrseg_jax.models import build_segmentor
+
+log = logging.getLogger(__name__)
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32[2] key; per-step keys are folded in from `step`
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+def build_model(config):
+  if config.precision not in DTYPES:
+    raise ValueError(f'config.precision={config.precision!r}; expected one of {sorted(DTYPES)}')
+  return build_segmentor(config.model.variant, config.model.num_classes, dtype=DTYPES[config.precision],
+                         drop_path_rate=config.model.get('drop_path_rate'))
+
+
+def train_step(state: TrainState, batch, *, model, tx, dtype):
+  """One AdamW step on the global batch; returns (new state, scalar metrics)."""
+  rng = jax.random.fold_in(state.rng, state.step)  # dropout / drop-path
+  x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype)
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+                                  method='decode', mutable=['batch_stats'], rngs={'dropout': rng})
+    return losses.segmentation_loss(logits, batch['label']), updates['batch_stats']
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+
+def _replicate(tree, sharding):
+  """Host values (identical on every process) -> arrays with `sharding`."""
+  return jax.tree_util.tree_map(
+      lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda idx, v=v: np.asarray(v)[idx]), tree)
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves and exits at the next step boundary.
+  With several processes they agree on the step through JAX's preemption
+  sync point (the coordination service forwards the notice)."""
+
+  def __init__(self):
+    self.flag = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        return multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError:  # no preemption service (jax_enable_preemption_service off)
+        return False
+    return self.flag
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Writer:
+  """Scalars to TensorBoard (`<workdir>/tb`) and `<workdir>/metrics.jsonl`; process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    self.tb = None
+    if self.active:
+      try:
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      except ImportError:
+        log.warning('tensorboardX not installed: no TensorBoard event files (metrics.jsonl still written)')
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, record: dict, prefix: str):
+    if not self.active:
+      return
+    for k, v in record.items():
+      if self.tb is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        self.tb.add_scalar(f'{prefix}/{k}', v, step)
+    self.jsonl.write(json.dumps({'step': int(step), 'split': prefix, **record}) + '\n')
+    self.jsonl.flush()
+
+  def close(self):
+    if self.active:
+      self.jsonl.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def _save_config(config, workdir: str):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _run_eval(config, model, mesh, eval_data, variables, writer, step: int) -> dict:
+  class_names = eval_data.info.class_names or None
+  eval_step = _eval_step_cache(model, mesh, config.model.num_classes)
+  metrics = evaluate.evaluate(eval_step, variables, eval_data, lambda b: dp.make_global_batch(b, mesh),
+                              config.model.num_classes, class_names)
+  log.info('step %d validation (%d batches, %.1fs):\n%s', step, metrics['eval_batches'],
+           metrics['eval_seconds'], evaluate.format_table(metrics))
+  writer.write(step, metrics, 'val')
+  return metrics
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_step_cache(model, mesh, num_classes):
+  normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype)
+  return evaluate.make_eval_step(model, mesh, num_classes, normalize)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+  """Train per `config`, resuming from `<workdir>/checkpoints` if present.
+
+  `on_step(step, local_batch)` is called after each step is dispatched (tests
+  use it to record the batches and to send SIGTERM). Returns a summary dict:
+  `step` reached, `status` ('done' | 'preempted'), last `val` metrics.
+  Raises FloatingPointError on a non-finite loss (no checkpoint is written
+  after it, so the last good one stays the latest).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _save_config(config, workdir)
+
+  # ---- mesh: every device of every process on one data axis
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  if config.batch_size % mesh.size:
+    raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices')
+  log.info('mesh: %d devices over %d processes; global batch %d', mesh.size, jax.process_count(),
+           config.batch_size)
+
+  # ---- data
+  train_it = batches.train_iterator(config)
+  eval_data = batches.eval_data(config)
+
+  # ---- model and optimizer
+  model = build_model(config)
+  dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+  init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
+  tx = optim.build_optimizer_from_config(init_vars['params'], config)
+
+  def make_state(variables):
+    return TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
+                      rng=jax.random.PRNGKey(config.seed + 1))
+
+  # ---- sharding: state replicated, batch split over 'data'
+  abstract = jax.eval_shape(make_state, init_vars)
+  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+
+  # ---- step
+  dtype = DTYPES[config.precision]
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, dtype=dtype),
+                    in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
+
+  # ---- checkpoint: resume from workdir, else config.init
+  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  latest = manager.latest_step()
+  if latest is not None:
+    state = checkpointing.restore(manager, latest, abstract, train_it)
+    log.info('resumed from %s/checkpoints/%d', workdir, latest)
+  else:
+    host_vars = checkpointing.load_init_variables(config.init, jax.device_get(init_vars),
+                                                  config.model.variant, config.model.num_classes)
+    state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
+  del init_vars
+  start = int(jax.device_get(state.step))
+
+  # ---- loop
+  writer = _Writer(workdir)
+  total = config.total_steps
+  summary = {'status': 'done', 'val': None}
+  bar = None
+  if config.progress_bar and jax.process_index() == 0 and sys.stderr.isatty():
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, smoothing=0.1)
+  last_saved = latest
+  pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy
+  t_last, n_last = time.time(), 0
+
+  def check(pending_item):
+    step_done, m = pending_item
+    loss = float(m['loss'])
+    if not (np.isfinite(loss) and np.isfinite(float(m['grad_norm']))):
+      raise FloatingPointError(f'loss is {loss} at step {step_done} (iteration {step_done - 1}); stopping. '
+                               f'Last good checkpoint: step {manager.latest_step()} in {workdir}/checkpoints')
+    return loss
+
+  def save(step, metrics=None, force=False):
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    checkpointing.save(manager, step, state, train_it, metrics=metrics, force=force)
+    last_saved = step
+
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, total):
+        local = next(train_it)
+        batch = dp.make_global_batch(local, mesh)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        if on_step is not None:
+          on_step(done, local)
+        if pending is not None:
+          check(pending)
+        if bar is not None:
+          bar.update(1)
+        pending = (done, metrics)
+        n_last += 1
+
+        if done % config.log_every == 0 or done == total:
+          loss = check(pending)
+          dt = time.time() - t_last
+          rec = {'loss': loss, 'grad_norm': float(metrics['grad_norm']), 'lr': optim.learning_rate(config, step),
+                 'images_per_sec': n_last * config.batch_size / max(dt, 1e-9)}
+          writer.write(done, rec, 'train')
+          if bar is not None:
+            bar.set_postfix(loss=f'{loss:.4f}', lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_sec']:.1f}")
+          else:  # not a terminal: one log line per log interval, with an ETA
+            eta = (total - done) * config.batch_size / max(rec['images_per_sec'], 1e-9)
+            log.info('step %d/%d loss %.4f lr %.3g %.1f img/s ETA %s', done, total, loss, rec['lr'],
+                     rec['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+          t_last, n_last = time.time(), 0
+
+        eval_now = config.eval_every >= 0 and (
+            done == total or (config.eval_every > 0 and done % config.eval_every == 0))
+        ckpt_now = done == total or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        if eval_now or ckpt_now:
+          check(pending)  # never checkpoint a non-finite state
+        val = None
+        if eval_now:
+          val = _run_eval(config, model, mesh, eval_data, state.variables, writer, done)
+          summary['val'] = val
+          if bar is not None:
+            bar.write(f"step {done}: mIoU {val['mIoU']:.4f} mAcc {val['mAcc']:.4f} aAcc {val['aAcc']:.4f}")
+        if eval_now or ckpt_now:
+          save(done, {'mIoU': val['mIoU']} if val else None)
+
+        if preemption.should_stop(done):
+          check(pending)
+          save(done, force=True)
+          summary['status'] = 'preempted'
+          log.warning('SIGTERM: saved step %d, exiting', done)
+          break
+      if pending is not None:
+        check(pending)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+  summary['step'] = int(jax.device_get(state.step))
+  summary['state'] = state
+  return summary
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode=eval`: evaluate `config.init` (a `.pth` or orbax checkpoint) or,
+  if it is 'scratch', the latest checkpoint in `<workdir>/checkpoints`."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  repl = NamedSharding(mesh, P())
+  model = build_model(config)
+  fresh = jax.device_get(jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3))))(jax.random.PRNGKey(0)))
+  init = config.init
+  if init in ('', 'scratch'):
+    init = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(init):
+      raise ValueError(f'--mode=eval needs --config.init=<.pth or orbax dir> or a checkpoint in {init}')
+  host_vars = checkpointing.load_init_variables(init, fresh, config.model.variant, config.model.num_classes)
+  writer = _Writer(workdir)
+  try:
+    if evaluate_tta.eval_options(config) is not None:  # TTA or slide: per-image test pipeline
+      metrics = evaluate_tta.evaluate_from_config(config, model, host_vars)
+      log.info('validation (%d images, %.1fs):\n%s', metrics['eval_images'], metrics['eval_seconds'],
+               evaluate.format_table(metrics))
+      writer.write(0, metrics, 'val')
+      return metrics
+    return _run_eval(config, model, mesh, batches.eval_data(config), _replicate(host_vars, repl), writer, 0)
+  finally:
+    writer.close()

@@ -1,0 +1,103 @@
+"""Base configuration: the upstream CGRSeg-T ADE20K 160k recipe (SPEC §6, §7).
+
+Every other config starts from `get_config()` here and changes what differs.
+Configs are locked by `main.py` (`lock_config=True`), so a misspelt
+`--config.some.field=...` is an error; fields that may legitimately be unset
+are `placeholder`s with a type.
+
+Batch sizes are GLOBAL (summed over all processes and devices); each process
+loads `batch_size / jax.process_count()` examples per step.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- data (mmseg 0.27 ADE20K pipeline)
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'ade20k'                 # ade20k | coco_stuff10k | pascal_context59 | cityscapes | synthetic | custom
+  c.data.root = config_dict.placeholder(str)  # the mmseg layout root, e.g. data/ade/ADEChallengeData2016
+  c.data.train_split = 'train'
+  c.data.val_split = 'val'
+  c.data.img_scale = (2048, 512)            # Resize img_scale (keep ratio), train and test
+  c.data.ratio_range = (0.5, 2.0)           # train-time random rescale
+  c.data.crop_size = (512, 512)             # RandomCrop, then Pad to this size
+  c.data.cat_max_ratio = 0.75
+  c.data.flip_prob = 0.5
+  c.data.photometric = True                 # PhotoMetricDistortion
+  c.data.size_divisor = 32                  # test-time padding
+  c.data.workers = 4                        # grain worker processes per host (0 = in-process)
+  c.data.prefetch = 2                       # batches buffered per worker
+  c.data.eval_max_images = config_dict.placeholder(int)  # evaluate on the first N val images only
+  # Eval images are padded to a multiple of size_divisor (mmseg), then to
+  # coarser multiples until at most this many shapes remain (one compile
+  # each); 0 keeps mmseg's exact padding. Extra padding is not neutral for a
+  # model with global attention: use 0 to reproduce published numbers.
+  c.data.eval_max_buckets = 8
+  # Read the data shards of an N-process run (N a multiple of the process
+  # count): replays a pod run's exact global batches on fewer hosts.
+  c.data.emulate_process_count = config_dict.placeholder(int)
+  # Synthetic dataset (`dataset='synthetic'`): procedural scenes, no files.
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_classes = 8
+  c.data.synthetic.num_train = 2000
+  c.data.synthetic.num_val = 100
+  c.data.synthetic.image_size = (512, 683)
+
+  c.batch_size = 16                         # global: 4 GPUs x 4 upstream
+  c.eval_batch_size = 1                     # global; whole-image test uses 1 image per device step
+  c.total_steps = 160_000
+
+  # ---- model
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 't'                     # t | b | l | tiny (tests)
+  c.model.num_classes = 150
+  c.model.drop_path_rate = config_dict.placeholder(float)  # None: the variant's upstream rate
+  c.precision = 'float32'                   # compute dtype: float32 | bfloat16 (params stay float32)
+
+  # ---- initialisation: 'scratch'; an EfficientFormerV2 ImageNet .pth (backbone
+  # only, e.g. eformer_s1_450.pth, as upstream); a CGRSeg mmseg .pth; or an
+  # orbax checkpoint directory (a step dir or a workdir's checkpoints/ dir).
+  c.init = 'scratch'
+
+  # ---- optimizer: mmcv AdamW + paramwise_cfg.custom_keys (SPEC §6)
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1.2e-4
+  c.optimizer.betas = (0.9, 0.999)
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.01
+  # Substring rule on the upstream parameter names: longest key first, ties
+  # alphabetical, first match wins; lr = lr * lr_mult, wd = wd * decay_mult.
+  c.optimizer.custom_keys = ml_collections.ConfigDict({
+      'absolute_pos_embed': {'decay_mult': 0.0},
+      'head': {'lr_mult': 10.0},
+      'norm': {'decay_mult': 0.0},
+  })
+  c.optimizer.grad_clip = config_dict.placeholder(float)  # upstream: none
+
+  # ---- schedule: mmcv poly (power 1, min_lr 0) + linear warmup, per iteration
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.power = 1.0
+  c.schedule.warmup_steps = 1500
+  c.schedule.warmup_ratio = 1e-6
+
+  # ---- loop
+  c.log_every = 50                          # scalars to TensorBoard / metrics.jsonl
+  c.eval_every = 4000                       # 0 = only at the end, < 0 = never
+  c.checkpoint_every = 4000                 # also at every eval and at the end
+  c.keep_checkpoints = 3                    # the last N; the best by mIoU is kept too
+  c.progress_bar = True
+
+  # ---- test-time options of --mode=eval (cgrseg_jax/evaluate_tta.py); the
+  # defaults (whole image, no TTA) use the bucketed evaluation of evaluate.py.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = 'whole'                     # or 'slide' (mmseg slide_inference)
+  c.eval.crop_size = (512, 512)             # slide window
+  c.eval.stride = (341, 341)                # slide step
+  c.eval.tta = ml_collections.ConfigDict()
+  c.eval.tta.scales = ()                    # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75
+  c.eval.tta.flip = False                   # add flipped views (softmax maps averaged)
+  return c

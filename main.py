@@ -1,0 +1,65 @@
+"""Train or evaluate CGRSeg.
+
+  python main.py --config=configs/synthetic_t.py --workdir=/tmp/demo
+  python main.py --config=configs/ade20k_t.py --workdir=runs/t \\
+      --config.data.root=data/ade/ADEChallengeData2016 --config.init=eformer_s1_450.pth
+  python main.py --config=configs/ade20k_t.py --workdir=runs/t --mode=eval --config.init=cgrseg_t.pth
+
+Training resumes from <workdir>/checkpoints when a checkpoint is there.
+Several processes (TPU pod, Slurm, or explicit --coordinator_address/
+--num_processes/--process_id) call jax.distributed.initialize() first.
+"""
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/synthetic_t.py', 'Training configuration.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes automatically) or eval.')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                  'jax.distributed.initialize(): auto = when Slurm/TPU-pod/explicit flags say there are '
+                  'several processes.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process without Slurm/TPU).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'This process (0-based).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _want_distributed() -> bool:
+  if FLAGS.distributed != 'auto':
+    return FLAGS.distributed == 'on'
+  if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
+    return True
+  if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    return True
+  # Multi-host TPU slices expose their worker list.
+  return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+def main(argv):
+  del argv
+  import jax
+  if _want_distributed():
+    # Cross-process collectives on CPU need gloo; no effect on GPU/TPU backends.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [p{jax.process_index()}] %(message)s',
+                      stream=sys.stderr)
+  for noisy in ('absl', 'orbax', 'jax._src'):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+  from cgrseg_jax import train
+  if FLAGS.mode == 'eval':
+    train.evaluate_only(FLAGS.config, FLAGS.workdir)
+  else:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    logging.info('finished at step %d (%s)', result['step'], result['status'])
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,213 @@
+"""Segment images with a CGRSeg checkpoint and write colour / overlay / label PNGs.
+
+  python scripts/predict.py --checkpoint=cgrseg_t.pth --output=out photos/ 'more/*.jpg' one.png
+  python scripts/predict.py --checkpoint=runs/t --output=out --tta-scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip imgs/
+  python scripts/predict.py --checkpoint=cgrseg_t.pth --output=out --mode=slide --crop=512,512 --stride=341,341 x.jpg
+
+Inputs are files, folders (images directly inside; `--recursive` for
+subfolders) or glob patterns. Per image `<name>` the output folder gets
+
+  <name>_color.png    the label map in the dataset palette
+  <name>_overlay.png  the image blended with it (`--opacity`)
+  <name>_legend.png   swatches and names of the classes present, largest first
+  <name>_labels.png   with --raw: class ids (uint8; uint16 above 256 classes)
+
+and `predictions.json` lists, per image, the classes present with their pixel
+share. An image that cannot be read is reported by name and skipped; the exit
+status is 1 if any image failed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def collect_inputs(specs, recursive: bool = False) -> tuple[list[str], list[str]]:
+  """(image paths in a stable order, error messages for specs that match nothing)."""
+  found, errors = [], []
+  for spec in specs:
+    if os.path.isdir(spec):
+      pattern = os.path.join(spec, '**', '*') if recursive else os.path.join(spec, '*')
+      paths = sorted(p for p in glob.glob(pattern, recursive=recursive)
+                     if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+      if not paths:
+        errors.append(f'{spec}: folder has no images ({", ".join(IMAGE_EXTENSIONS)})')
+    elif os.path.isfile(spec):
+      paths = [spec]  # named explicitly: tried whatever its extension
+    else:
+      paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+      if not paths:
+        errors.append(f'{spec}: no such file, folder or matching glob')
+    found.extend(paths)
+  seen, unique = set(), []
+  for p in found:
+    key = os.path.abspath(p)
+    if key not in seen:
+      seen.add(key)
+      unique.append(p)
+  return unique, errors
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """RGB uint8 (H, W, 3); raises ValueError naming the file if unreadable."""
+  data = np.fromfile(path, np.uint8) if os.path.isfile(path) else None
+  image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+  if image is None:
+    raise ValueError(f'{path}: cannot read the image (missing, empty, corrupt or unsupported format)')
+  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def write_rgb(path: str, rgb: np.ndarray):
+  if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+    raise OSError(f'{path}: could not write the PNG')
+
+
+def classes_present(labels: np.ndarray, names) -> list[dict]:
+  counts = np.bincount(labels.ravel(), minlength=len(names))
+  order = np.argsort(-counts, kind='stable')
+  total = labels.size
+  return [dict(id=int(i), name=names[i], fraction=round(float(counts[i]) / total, 6))
+          for i in order if counts[i] > 0]
+
+
+def legend_image(present: list[dict], palette: np.ndarray, row: int = 22, width: int = 320) -> np.ndarray:
+  """RGB panel: one swatch + 'name (share %)' per class present."""
+  panel = np.full((max(len(present), 1) * row + 8, width, 3), 255, np.uint8)
+  for k, c in enumerate(present):
+    y = 4 + k * row
+    panel[y + 2:y + row - 2, 6:6 + row] = palette[c['id']]
+    cv2.putText(panel, f"{c['name']} ({100 * c['fraction']:.1f}%)", (row + 14, y + row - 7),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+  return panel
+
+
+def output_names(paths: list[str]) -> list[str]:
+  """Output stems: the file stem, made unique with the parent folder or a counter."""
+  stems, used = [], set()
+  for p in paths:
+    stem = os.path.splitext(os.path.basename(p))[0]
+    if stem in used:
+      stem = f'{os.path.basename(os.path.dirname(os.path.abspath(p)))}_{stem}'
+    base, k = stem, 1
+    while stem in used:
+      stem, k = f'{base}_{k}', k + 1
+    used.add(stem)
+    stems.append(stem)
+  return stems
+
+
+def _pair(text: str, name: str) -> tuple[int, int]:
+  try:
+    a, b = (int(v) for v in text.split(','))
+    return a, b
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{name} must be two integers "a,b", got {text!r}') from None
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
+  p.add_argument('--checkpoint', required=True, help='.pth, converted dir or training run/step dir')
+  p.add_argument('--output', required=True, help='folder for the PNGs (created)')
+  p.add_argument('--dataset', default='ade20k', help='class names, palette and default test scale')
+  p.add_argument('--variant', default=None, help='t | b | l | tiny; checked against the weights')
+  p.add_argument('--img-scale', type=lambda s: _pair(s, '--img-scale'), default=None,
+                 help="keep-ratio test scale 'long,short' (default: the dataset's, e.g. 2048,512)")
+  p.add_argument('--mode', choices=['whole', 'slide'], default='whole')
+  p.add_argument('--crop', type=lambda s: _pair(s, '--crop'), default=(512, 512), help='slide window h,w')
+  p.add_argument('--stride', type=lambda s: _pair(s, '--stride'), default=(341, 341), help='slide stride h,w')
+  p.add_argument('--tta-scales', default=None, help='comma list of ratios, e.g. 0.5,0.75,1.0,1.25,1.5,1.75')
+  p.add_argument('--flip', action='store_true', help='add horizontal flips (test-time augmentation)')
+  p.add_argument('--opacity', type=float, default=0.5, help='overlay weight of the colours, in [0, 1]')
+  p.add_argument('--raw', action='store_true', help='also write <name>_labels.png with class ids')
+  p.add_argument('--batch-size', type=int, default=1)
+  p.add_argument('--bf16', action='store_true', help='bfloat16 compute')
+  p.add_argument('--recursive', action='store_true', help='descend into subfolders of folder inputs')
+  p.add_argument('--no-progress', action='store_true')
+  args = p.parse_args(argv)
+  if not 0.0 <= args.opacity <= 1.0:
+    p.error(f'--opacity must be in [0, 1], got {args.opacity}')
+
+  paths, failures = collect_inputs(args.inputs, args.recursive)
+  for msg in failures:
+    print(f'error: {msg}', file=sys.stderr)
+  if not paths:
+    print('error: no input images', file=sys.stderr)
+    return 1
+
+  import jax.numpy as jnp
+  from cgrseg_jax.inference import Segmenter
+
+  seg_kwargs = dict(mode=args.mode, crop_size=args.crop, stride=args.stride, batch_size=args.batch_size)
+  if args.img_scale:
+    seg_kwargs['img_scale'] = args.img_scale
+  seg = Segmenter.from_checkpoint(args.checkpoint, variant=args.variant, dataset=args.dataset,
+                                  dtype=jnp.bfloat16 if args.bf16 else jnp.float32, **seg_kwargs)
+  tta = None
+  if args.tta_scales or args.flip:
+    scales = [float(s) for s in args.tta_scales.split(',')] if args.tta_scales else [1.0]
+    tta = dict(scales=scales, flip=args.flip)
+  os.makedirs(args.output, exist_ok=True)
+
+  bar = None
+  if not args.no_progress:
+    try:
+      from tqdm import tqdm
+      bar = tqdm(total=len(paths), unit='img', file=sys.stderr)
+    except ImportError:
+      pass
+  stems = output_names(paths)
+  summary, n_failed = {}, len(failures)
+  t0 = time.perf_counter()
+  for start in range(0, len(paths), args.batch_size):
+    chunk = list(zip(paths[start:start + args.batch_size], stems[start:start + args.batch_size]))
+    images = []
+    for path, stem in chunk:
+      try:
+        images.append((path, stem, read_rgb(path)))
+      except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        n_failed += 1
+    if images:
+      labels = seg.predict_batch([im for _, _, im in images], tta=tta)
+      for (path, stem, image), lab in zip(images, labels):
+        try:
+          present = classes_present(lab, seg.class_names)
+          out = os.path.join(args.output, stem)
+          write_rgb(out + '_color.png', seg.colorize(lab))
+          write_rgb(out + '_overlay.png', seg.overlay(image, lab, args.opacity))
+          write_rgb(out + '_legend.png', legend_image(present, seg.palette))
+          if args.raw:
+            ids = lab.astype(np.uint8 if seg.num_classes <= 256 else np.uint16)
+            if not cv2.imwrite(out + '_labels.png', ids):
+              raise OSError(f'{out}_labels.png: could not write the PNG')
+          summary[path] = dict(output=stem, size=list(lab.shape), classes=present)
+        except OSError as e:
+          print(f'error: {e}', file=sys.stderr)
+          n_failed += 1
+    if bar is not None:
+      bar.update(len(chunk))
+  if bar is not None:
+    bar.close()
+  with open(os.path.join(args.output, 'predictions.json'), 'w') as f:
+    json.dump(dict(checkpoint=args.checkpoint, settings=seg.info(), tta=tta, images=summary), f, indent=2)
+  print(f'{len(summary)} images segmented into {args.output} in {time.perf_counter() - t0:.1f}s'
+        + (f'; {n_failed} failed' if n_failed else ''), file=sys.stderr)
+  return 1 if n_failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

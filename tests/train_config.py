@@ -1,0 +1,34 @@
+"""A CPU-test-sized training config (tiny model, 64x64 crops); not a test file."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import synthetic_t  # noqa: E402
+
+
+def tiny_config(**overrides):
+  c = synthetic_t.get_config()
+  c.model.variant = 'tiny'
+  c.data.synthetic.image_size = (64, 80)
+  c.data.synthetic.num_train = 64
+  c.data.synthetic.num_val = 8
+  c.data.img_scale = (80, 64)
+  c.data.crop_size = (64, 64)
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.total_steps = 3
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 0
+  c.progress_bar = False
+  c.schedule.warmup_steps = 0
+  c.optimizer.lr = 1e-4
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  c.lock()
+  return c
