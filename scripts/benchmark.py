@@ -127,6 +127,7 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
   import jax.numpy as jnp
   from cgrseg_jax import optim, train
   from cgrseg_jax.models import build_segmentor
+  from cgrseg_jax.models.layers import depthwise_as_grouped_conv
 
   out: dict = {}
   model32 = build_segmentor(variant, num_classes)
@@ -146,7 +147,10 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       compile_s = time.perf_counter() - t
       if bs == args.batch_sizes[0] and dtype_name == 'float32':
         out['compile_s'] = compile_s
-        out['gmacs'] = count_macs(jax.make_jaxpr(fwd)(variables, x)) / bs / 1e9
+        # Depthwise convs run as shifted sums; trace them as convolutions (un-jitted,
+        # so no cached trace is reused) to count their multiply-adds.
+        with depthwise_as_grouped_conv():
+          out['gmacs'] = count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)) / bs / 1e9
         flops = xla_flops(compiled)
         out['gflops_xla'] = flops / bs / 1e9 if flops else None
       timing = measure(lambda: compiled(variables, x).block_until_ready(), args.warmup, args.reps)

@@ -2,9 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
-from cgrseg_jax.models.layers import BatchNorm, DropPath, dropout2d, gelu
+from cgrseg_jax.models.layers import (BatchNorm, DepthwiseConv, DropPath, conv, depthwise_as_grouped_conv,
+                                      dropout2d, gelu)
 from flax_torch import nchw, nhwc
 
 
@@ -78,3 +80,22 @@ def test_gelu_is_exact_erf_form():
   np.testing.assert_allclose(gelu(x), ref, rtol=1e-6, atol=1e-6)
   # the tanh approximation would be off by far more than that
   assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - ref).max() > 1e-4
+
+
+@pytest.mark.parametrize('kernel,stride,padding,hw', [((3, 3), 1, (1, 1), (9, 7)), ((3, 3), 2, (1, 1), (9, 8)),
+                                                      ((1, 11), 1, (0, 5), (6, 13)), ((11, 1), 1, (5, 0), (13, 6)),
+                                                      ((1, 1), 1, (0, 0), (4, 5))])
+def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, padding, hw):
+  c = 6
+  conv_t = torch.nn.Conv2d(c, c, kernel, stride=stride, padding=padding, groups=c)
+  x = np.random.default_rng(0).standard_normal((2, *hw, c)).astype(np.float32)
+  mod = conv(c, kernel, stride=stride, padding=padding, groups=c)
+  assert isinstance(mod, DepthwiseConv)
+  variables = {'params': {'kernel': jnp.asarray(conv_t.weight.detach().numpy().transpose(2, 3, 1, 0)),
+                          'bias': jnp.asarray(conv_t.bias.detach().numpy())}}
+  with torch.no_grad():
+    want = nhwc(conv_t(nchw(x)))
+  np.testing.assert_allclose(mod.apply(variables, x), want, rtol=1e-5, atol=1e-6)
+  with depthwise_as_grouped_conv():  # the plain grouped convolution gives the same numbers
+    np.testing.assert_allclose(conv(c, kernel, stride=stride, padding=padding, groups=c).apply(variables, x),
+                               want, rtol=1e-5, atol=1e-6)
