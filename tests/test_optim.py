@@ -156,14 +156,24 @@ def test_one_step_parity_with_torch_adamw():
     key = convert.flax_path_to_torch_key('params', tuple(k.key for k in keypath))
     if key in null:
       assert float(np.abs(leaf).max()) < 1e-6 * g_scale, key
-  # Parameters after the step: relative error of each tensor (norm-wise).
+  # Parameters after the step: relative error of each tensor (norm-wise). At the
+  # first step Adam moves each element by ~lr * sign(g), so an element whose
+  # gradient is within the gradient check's tolerance of 0 (1e-4 of the tensor's
+  # max) has no determined direction in float32; those elements are only checked
+  # to move by no more than Adam's step bound, the rest to 1e-4.
+  lr0 = lr * mmcv_lr(1.0, 0, total, warmup, ratio)
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     key = convert.flax_path_to_torch_key('params', tuple(k.key for k in keypath))
     if key in null:
       continue
     got, want = convert._to_torch(np.asarray(leaf), key), t_after[key]
-    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    g = t_grads[key]
+    undetermined = np.abs(g) < 1e-4 * np.abs(g).max()
+    diff = np.where(undetermined, 0.0, got - want)
+    rel = np.linalg.norm(diff) / np.linalg.norm(want)
     assert rel <= 1e-4, (key, rel)
+    mult = 10.0 if 'head' in key else 1.0
+    assert np.all(np.abs(got - want)[undetermined] <= 2.05 * lr0 * mult), key
   compare(bstats, t_after, 'batch_stats', 'BN running stat')
   # The update itself (the parameters barely move): Adam divides by |g|, so an
   # element whose gradient is at the level of the gradient error has an
