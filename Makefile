@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Two workers: XLA compiles are mostly single-threaded, so they overlap well.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test demo parity clean
+.PHONY: setup test lint format demo parity clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,14 @@ test: setup
 WORKDIR ?= runs/demo
 demo: setup
 	$(BIN)/python main.py --config=configs/synthetic_t.py --workdir=$(WORKDIR)
+
+# One formatter for the whole tree (ruff, pinned in requirements.txt; settings in pyproject.toml).
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
 
 parity: setup
 	$(BIN)/python ../shared/tools/official_parity.py

@@ -9,6 +9,7 @@ Training resumes from <workdir>/checkpoints when a checkpoint is there.
 Several processes (TPU pod, Slurm, or explicit --coordinator_address/
 --num_processes/--process_id) call jax.distributed.initialize() first.
 """
+
 import logging
 import os
 import sys
@@ -20,9 +21,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/synthetic_t.py', 'Training configuration.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes automatically) or eval.')
-flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
-                  'jax.distributed.initialize(): auto = when Slurm/TPU-pod/explicit flags say there are '
-                  'several processes.')
+flags.DEFINE_enum(
+  'distributed',
+  'auto',
+  ['auto', 'on', 'off'],
+  'jax.distributed.initialize(): auto = when Slurm/TPU-pod/explicit flags say there are several processes.',
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process without Slurm/TPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process (0-based).')
@@ -43,17 +47,19 @@ def _want_distributed() -> bool:
 def main(argv):
   del argv
   import jax
+
   if _want_distributed():
     # Cross-process collectives on CPU need gloo; no effect on GPU/TPU backends.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [p{jax.process_index()}] %(message)s',
-                      stream=sys.stderr)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes, process_id=FLAGS.process_id
+    )
+  logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [p{jax.process_index()}] %(message)s', stream=sys.stderr)
   for noisy in ('absl', 'orbax', 'jax._src'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
   from cgrseg_jax import train
+
   if FLAGS.mode == 'eval':
     train.evaluate_only(FLAGS.config, FLAGS.workdir)
   else:

@@ -1,3 +1,3 @@
 """CGRSeg semantic segmentation in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = '0.1.0'

@@ -9,6 +9,7 @@ The 2-process test compares against such a run; it is also how a pod run can
 be replayed on one machine. The iterator state of all shards is checkpointed
 together (grain's orbax handler calls `get_state`/`set_state` on it).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ class ShardedTrainIterator:
   def set_state(self, state: bytes):
     states = json.loads(state.decode())
     if len(states) != len(self.iterators):
-      raise ValueError(f'checkpointed data iterator has {len(states)} shards, this run reads '
-                       f'{len(self.iterators)}; keep data.emulate_process_count / the process count unchanged')
+      raise ValueError(
+        f'checkpointed data iterator has {len(states)} shards, this run reads '
+        f'{len(self.iterators)}; keep data.emulate_process_count / the process count unchanged'
+      )
     for it, s in zip(self.iterators, states):
       it.set_state(s)
 
@@ -86,12 +89,27 @@ def train_iterator(config) -> ShardedTrainIterator:
     kwargs.update(_synthetic_samples(config, 'train'))
   its = []
   for s in shards:
-    its.append(dp.make_train_iterator(
-        d.dataset, root=d.root, split=d.train_split, crop_size=tuple(d.crop_size), img_scale=tuple(d.img_scale),
-        ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio, batch_size=local_batch,
-        seed=config.seed, num_workers=d.workers, num_classes=config.model.num_classes, flip_prob=d.flip_prob,
-        photometric=d.photometric, shard_index=s, shard_count=count, worker_buffer=d.prefetch,
-        source_kwargs=kwargs or None))
+    its.append(
+      dp.make_train_iterator(
+        d.dataset,
+        root=d.root,
+        split=d.train_split,
+        crop_size=tuple(d.crop_size),
+        img_scale=tuple(d.img_scale),
+        ratio_range=tuple(d.ratio_range),
+        cat_max_ratio=d.cat_max_ratio,
+        batch_size=local_batch,
+        seed=config.seed,
+        num_workers=d.workers,
+        num_classes=config.model.num_classes,
+        flip_prob=d.flip_prob,
+        photometric=d.photometric,
+        shard_index=s,
+        shard_count=count,
+        worker_buffer=d.prefetch,
+        source_kwargs=kwargs or None,
+      )
+    )
   return ShardedTrainIterator(its)
 
 
@@ -106,14 +124,24 @@ def eval_data(config) -> dp.EvalData:
   if d.dataset == 'synthetic':
     kwargs.update(_synthetic_samples(config, 'val'))
   if d.get('eval_max_images'):
-    source, info = dp.resolve_source(d.dataset, d.root, d.val_split, source_kwargs=kwargs or None,
-                                     num_classes=config.model.num_classes)
+    source, info = dp.resolve_source(
+      d.dataset, d.root, d.val_split, source_kwargs=kwargs or None, num_classes=config.model.num_classes
+    )
     source = _Head(source, d.eval_max_images)
   return dp.make_eval_dataset(
-      d.dataset, root=d.root, split=d.val_split, img_scale=tuple(d.img_scale),
-      batch_size=config.eval_batch_size // n_proc, size_divisor=d.size_divisor,
-      max_buckets=d.eval_max_buckets or None, num_workers=0, num_classes=config.model.num_classes,
-      source=source, info=info, source_kwargs=(kwargs or None) if source is None else None)
+    d.dataset,
+    root=d.root,
+    split=d.val_split,
+    img_scale=tuple(d.img_scale),
+    batch_size=config.eval_batch_size // n_proc,
+    size_divisor=d.size_divisor,
+    max_buckets=d.eval_max_buckets or None,
+    num_workers=0,
+    num_classes=config.model.num_classes,
+    source=source,
+    info=info,
+    source_kwargs=(kwargs or None) if source is None else None,
+  )
 
 
 class _Head:

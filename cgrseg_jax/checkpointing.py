@@ -13,6 +13,7 @@ the devices, the writing overlaps the next training steps.
 Retention: the last `keep` checkpoints, plus the best by validation mIoU
 (saves made right after an evaluation carry its metrics).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,35 +32,47 @@ log = logging.getLogger(__name__)
 def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.CheckpointManager:
   """Manager keeping the latest `keep` steps and the best one by `best_metric`."""
   policies = ocp.checkpoint_managers
-  preservation = policies.AnyPreservationPolicy([
+  preservation = policies.AnyPreservationPolicy(
+    [
       policies.LatestN(n=keep),
-      policies.BestN(get_metric_fn=lambda m: m[best_metric], n=1, reverse=False,
-                     keep_checkpoints_without_metrics=False),
-  ])
+      policies.BestN(
+        get_metric_fn=lambda m: m[best_metric], n=1, reverse=False, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=preservation, enable_async_checkpointing=True, create=True,
-      cleanup_tmp_directories=True)
+    preservation_policy=preservation, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+  )
   return ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data'), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         metrics: Optional[Mapping[str, float]] = None, force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iterator: Any,
+  metrics: Optional[Mapping[str, float]] = None,
+  force: bool = False,
+) -> bool:
   """Start an async save of (state, data iterator) at `step`."""
   import grain
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                            data=grain.checkpoint.CheckpointSave(data_iterator))
+
+  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
   return manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
   """Restore `state` (into the shardings of `abstract_state`) and the data iterator in place."""
   import grain
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                            data=grain.checkpoint.CheckpointRestore(data_iterator))
+
+  args = ocp.args.Composite(
+    state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+  )
   return manager.restore(step, args=args)['state']
 
 
 # ------------------------------------------------------------------ init weights
+
 
 class InitError(ValueError):
   """`config.init` names something that cannot initialise this model."""
@@ -133,5 +146,6 @@ def _check_same_tree(want: Any, got: Any, collection: str, what: str):
     raise InitError(f'{what}: {collection} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}')
   for k, v in want_flat.items():
     if tuple(np.shape(got_flat[k])) != tuple(v.shape):
-      raise InitError(f'{what}: {collection}{k} has shape {tuple(np.shape(got_flat[k]))}, '
-                      f'the model expects {tuple(v.shape)}')
+      raise InitError(
+        f'{what}: {collection}{k} has shape {tuple(np.shape(got_flat[k]))}, the model expects {tuple(v.shape)}'
+      )

@@ -16,6 +16,7 @@ Buffers that are not Flax variables (BN `num_batches_tracked`, the index tables
 `attention_bias_idxs_seg`, and the unused ImageNet-size `attention_biases` /
 `attention_bias_idxs`) are checked or skipped on load and regenerated on export.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,10 +34,10 @@ from cgrseg_jax.models.efficientformer_v2 import attention_bias_index
 LIST_MODULES = ('network', 'transformer_blocks', 'SIM', 'meta', 'conv')
 _LIST_RE = re.compile(r'^(%s)_(\d+)$' % '|'.join(LIST_MODULES))
 LEAF_NAMES = {
-    ('params', 'kernel'): 'weight',
-    ('params', 'scale'): 'weight',
-    ('batch_stats', 'mean'): 'running_mean',
-    ('batch_stats', 'var'): 'running_var',
+  ('params', 'kernel'): 'weight',
+  ('params', 'scale'): 'weight',
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
 }
 # Buffers with no Flax counterpart. On load they are checked (index tables) or
 # skipped; ImageNet classifier keys are skipped when loading a backbone.
@@ -51,6 +52,7 @@ class ConversionError(ValueError):
 @dataclasses.dataclass
 class LoadReport:
   """What a load did with each key of the source checkpoint."""
+
   used: list[str] = dataclasses.field(default_factory=list)
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
   missing: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> what was done instead
@@ -70,6 +72,7 @@ class LoadReport:
 
 
 # --------------------------------------------------------------------------- names
+
 
 def flax_path_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
   """('params', ('backbone', 'network_0', '0', 'mlp', 'fc1', 'kernel')) -> 'backbone.network.0.0.mlp.fc1.weight'."""
@@ -123,6 +126,7 @@ def _to_torch(value: np.ndarray, key: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- templates
 
+
 def variable_shapes(variant: str, num_classes: int) -> dict:
   """Shapes/dtypes of a segmentor's variables, without computing anything."""
   model = build_segmentor(variant, num_classes)
@@ -130,7 +134,7 @@ def variable_shapes(variant: str, num_classes: int) -> dict:
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
-  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def detect_variant(state: Mapping[str, Any]) -> tuple[str, int]:
@@ -170,6 +174,7 @@ def _shape(state, key):
 
 # --------------------------------------------------------------------------- torch -> flax
 
+
 def _numpy(v) -> np.ndarray:
   if hasattr(v, 'detach'):
     v = v.detach().cpu()
@@ -179,8 +184,9 @@ def _numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
-def state_dict_to_variables(state: Mapping[str, Any], variant: Optional[str] = None,
-                            num_classes: Optional[int] = None) -> tuple[dict, LoadReport]:
+def state_dict_to_variables(
+  state: Mapping[str, Any], variant: Optional[str] = None, num_classes: Optional[int] = None
+) -> tuple[dict, LoadReport]:
   """An mmseg CGRSeg state dict (keys `backbone.*`, `decode_head.*`) -> Flax variables.
 
   Strict: every model variable must be present with the right shape, and every
@@ -188,19 +194,27 @@ def state_dict_to_variables(state: Mapping[str, Any], variant: Optional[str] = N
   """
   found_variant, found_classes = detect_variant(state)
   if variant is not None and variant != found_variant:
-    raise ConversionError(f'checkpoint is CGRSeg-{found_variant.upper()} (read from its shapes), '
-                          f'but variant {variant!r} was requested')
+    raise ConversionError(
+      f'checkpoint is CGRSeg-{found_variant.upper()} (read from its shapes), but variant {variant!r} was requested'
+    )
   if num_classes is not None and num_classes != found_classes:
-    raise ConversionError(f'checkpoint has {found_classes} classes (decode_head.conv_seg.weight), '
-                          f'but num_classes={num_classes} was requested')
+    raise ConversionError(
+      f'checkpoint has {found_classes} classes (decode_head.conv_seg.weight), '
+      f'but num_classes={num_classes} was requested'
+    )
   template = variable_shapes(found_variant, found_classes)
   variables, report = fill_from_state_dict(state, template, strict=True)
   report.variant, report.num_classes = found_variant, found_classes
   return variables, report
 
 
-def fill_from_state_dict(state: Mapping[str, Any], template: Mapping[str, Any], strict: bool = True,
-                         prefix: str = '', zero_if_missing: tuple[str, ...] = ()) -> tuple[dict, LoadReport]:
+def fill_from_state_dict(
+  state: Mapping[str, Any],
+  template: Mapping[str, Any],
+  strict: bool = True,
+  prefix: str = '',
+  zero_if_missing: tuple[str, ...] = (),
+) -> tuple[dict, LoadReport]:
   """Fill `template` (a variables tree of shapes, e.g. from `jax.eval_shape` of
   any module's `init`) from a PyTorch state dict of the matching module.
 
@@ -210,7 +224,7 @@ def fill_from_state_dict(state: Mapping[str, Any], template: Mapping[str, Any], 
   report = LoadReport()
   flat = {}
   for (collection, path), leaf in _flatten(template).items():
-    key = flax_path_to_torch_key(collection, path)[len(prefix):]
+    key = flax_path_to_torch_key(collection, path)[len(prefix) :]
     want = tuple(leaf.shape)
     if key not in state:
       if key.endswith(zero_if_missing):
@@ -220,8 +234,9 @@ def fill_from_state_dict(state: Mapping[str, Any], template: Mapping[str, Any], 
       raise ConversionError(f'checkpoint is missing key {key!r} (expected PyTorch shape {torch_shape(key, want)})')
     value = _numpy(state[key])
     if tuple(value.shape) != torch_shape(key, want):
-      raise ConversionError(f'shape mismatch for key {key!r}: checkpoint has {tuple(value.shape)}, '
-                            f'model expects {torch_shape(key, want)}')
+      raise ConversionError(
+        f'shape mismatch for key {key!r}: checkpoint has {tuple(value.shape)}, model expects {torch_shape(key, want)}'
+      )
     flat[(collection, path)] = _to_flax(value, want).astype(np.float32)
     report.used.append(key)
 
@@ -237,8 +252,10 @@ def fill_from_state_dict(state: Mapping[str, Any], template: Mapping[str, Any], 
     elif not strict and _IMAGENET_HEAD_RE.match(key):
       report.skipped[key] = 'ImageNet classifier'
     elif strict:
-      raise ConversionError(f'unexpected key {key!r} {tuple(state[key].shape)} in checkpoint: '
-                            'the model has no such variable (renamed key or different architecture?)')
+      raise ConversionError(
+        f'unexpected key {key!r} {tuple(state[key].shape)} in checkpoint: '
+        'the model has no such variable (renamed key or different architecture?)'
+      )
     else:
       report.skipped[key] = 'not in the model'
   return _unflatten(flat), report
@@ -249,12 +266,19 @@ def _check_bias_index(key: str, table: np.ndarray):
   resolution = math.isqrt(n_key)
   ours, _ = attention_bias_index(resolution, downsample=n_query != n_key)
   if ours.shape != table.shape or not np.array_equal(ours, table):
-    raise ConversionError(f'{key}: attention bias index table {table.shape} differs from the one this model '
-                          f'computes for resolution {resolution}')
+    raise ConversionError(
+      f'{key}: attention bias index table {table.shape} differs from the one this model '
+      f'computes for resolution {resolution}'
+    )
 
 
-def load_torch_checkpoint(path: str, variant: Optional[str] = None, num_classes: Optional[int] = None,
-                          return_report: bool = False, verbose: bool = False):
+def load_torch_checkpoint(
+  path: str,
+  variant: Optional[str] = None,
+  num_classes: Optional[int] = None,
+  return_report: bool = False,
+  verbose: bool = False,
+):
   """Read an upstream mmseg CGRSeg `.pth` (dict with `state_dict`) into Flax variables."""
   state = read_torch_file(path)
   try:
@@ -267,8 +291,9 @@ def load_torch_checkpoint(path: str, variant: Optional[str] = None, num_classes:
   return (variables, report) if return_report else variables
 
 
-def load_backbone_checkpoint(path: str, backbone: Optional[str] = None, return_report: bool = False,
-                             verbose: bool = False):
+def load_backbone_checkpoint(
+  path: str, backbone: Optional[str] = None, return_report: bool = False, verbose: bool = False
+):
   """An EfficientFormerV2 ImageNet checkpoint (`eformer_*_450.pth`: a dict with
   `model`, or a bare state dict) -> variables of the `backbone` submodule.
 
@@ -285,8 +310,9 @@ def load_backbone_checkpoint(path: str, backbone: Optional[str] = None, return_r
   shapes = jax.eval_shape(lambda: model.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   template = {c: {'backbone': t} for c, t in shapes.items()}
   try:
-    variables, report = fill_from_state_dict(state, template, strict=False, prefix='backbone.',
-                              zero_if_missing=('attention_biases_seg',))
+    variables, report = fill_from_state_dict(
+      state, template, strict=False, prefix='backbone.', zero_if_missing=('attention_biases_seg',)
+    )
   except ConversionError as e:
     raise ConversionError(f'{path}: {e}') from None
   if verbose:
@@ -311,7 +337,7 @@ def read_torch_file(path: str) -> dict:
     if key in ckpt and isinstance(ckpt[key], Mapping):
       ckpt = ckpt[key]
       break
-  state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in ckpt.items()}
+  state = {k[len('module.') :] if k.startswith('module.') else k: v for k, v in ckpt.items()}
   bad = [k for k, v in state.items() if not hasattr(v, 'shape')]
   if bad:
     raise ConversionError(f'{path}: entries {bad[:5]} are not tensors; expected a state dict')
@@ -319,6 +345,7 @@ def read_torch_file(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- flax -> torch
+
 
 def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Flax variables -> an mmseg state dict in the upstream layout (numpy
@@ -328,9 +355,9 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
     key = flax_path_to_torch_key(collection, path)
     state[key] = np.ascontiguousarray(_to_torch(np.asarray(leaf, np.float32), key))
     if collection == 'batch_stats' and path[-1] == 'var':
-      state[key[:-len('running_var')] + 'num_batches_tracked'] = np.array(0, np.int64)
+      state[key[: -len('running_var')] + 'num_batches_tracked'] = np.array(0, np.int64)
     if path[-1] == 'attention_biases_seg':
-      base = key[:-len('attention_biases_seg')]
+      base = key[: -len('attention_biases_seg')]
       heads, n_offsets = leaf.shape
       downsample = '.attn.' in key
       table, _ = attention_bias_index(math.isqrt(n_offsets), downsample)
@@ -352,8 +379,8 @@ def save_torch_checkpoint(path: str, variables: Mapping[str, Any], meta: Optiona
 
 # --------------------------------------------------------------------------- orbax
 
-def save_variables(directory: str, variables: Mapping[str, Any], variant: str, num_classes: int,
-                   source: str = ''):
+
+def save_variables(directory: str, variables: Mapping[str, Any], variant: str, num_classes: int, source: str = ''):
   """Write converted variables as an orbax checkpoint plus `cgrseg.json`
   (variant, classes), the format `load_variables` and the training config's
   `init` read."""

@@ -14,6 +14,7 @@ resized image, resized bilinearly to the original size and arg-maxed (softmax
 does not change the argmax). The per-image areas are computed on the device
 and summed over the sharded batch, so only (K,) vectors come back to the host.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,6 +30,7 @@ IGNORE_INDEX = 255
 
 # ------------------------------------------------------------------ areas
 
+
 def area_counts(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX):
   """(4, K) int32: intersection, union, prediction and label areas of one batch.
 
@@ -37,12 +39,14 @@ def area_counts(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX)
   """
   pred = pred.astype(jnp.int32).reshape(-1)
   label = label.astype(jnp.int32).reshape(-1)
-  valid = (label != ignore_index)
+  valid = label != ignore_index
   k = num_classes
+
   # Out-of-range ids go to the overflow bin k, which is dropped.
   def hist(ids, mask):
     ids = jnp.where(mask & (ids >= 0) & (ids < k), ids, k)
     return jnp.zeros((k + 1,), jnp.int32).at[ids].add(1)[:k]
+
   area_pred = hist(pred, valid)
   area_label = hist(label, valid)
   area_inter = hist(label, valid & (pred == label))
@@ -65,8 +69,10 @@ def metrics_from_areas(areas: np.ndarray, class_names: Optional[Sequence[str]] =
     warnings.simplefilter('ignore', RuntimeWarning)  # nanmean of an all-NaN vector is NaN, as in mmseg
     miou, macc = float(np.nanmean(iou)), float(np.nanmean(acc))
   return {
-      'mIoU': miou, 'mAcc': macc, 'aAcc': float(aacc),
-      'per_class': {n: {'IoU': float(i), 'Acc': float(a)} for n, i, a in zip(names, iou, acc)},
+    'mIoU': miou,
+    'mAcc': macc,
+    'aAcc': float(aacc),
+    'per_class': {n: {'IoU': float(i), 'Acc': float(a)} for n, i, a in zip(names, iou, acc)},
   }
 
 
@@ -74,16 +80,18 @@ def format_table(metrics: dict) -> str:
   """The per-class table mmseg logs (percentages, 2 decimals), then the summary."""
   rows = [('Class', 'IoU', 'Acc')]
   for name, m in metrics['per_class'].items():
-    rows.append((name, f"{100 * m['IoU']:.2f}", f"{100 * m['Acc']:.2f}"))
+    rows.append((name, f'{100 * m["IoU"]:.2f}', f'{100 * m["Acc"]:.2f}'))
   width = max(len(r[0]) for r in rows)
   lines = [f'{r[0]:<{width}} | {r[1]:>6} | {r[2]:>6}' for r in rows]
   lines.insert(1, '-' * len(lines[0]))
-  lines.append(f"Summary: aAcc {100 * metrics['aAcc']:.2f}  mIoU {100 * metrics['mIoU']:.2f}  "
-               f"mAcc {100 * metrics['mAcc']:.2f}")
+  lines.append(
+    f'Summary: aAcc {100 * metrics["aAcc"]:.2f}  mIoU {100 * metrics["mIoU"]:.2f}  mAcc {100 * metrics["mAcc"]:.2f}'
+  )
   return '\n'.join(lines)
 
 
 # -------------------------------------------------------- post-processing
+
 
 def _linear_taps(in_size, out_size, n_out: int):
   """PyTorch bilinear (align_corners False) taps for a *traced* in/out size,
@@ -125,16 +133,26 @@ def make_eval_step(model, mesh, num_classes: int, normalize: Callable, ignore_in
     logits = model.apply(variables, x, train=False)  # at the padded input size
     out_shape = batch['label'].shape[1:3]
     pred = jax.vmap(lambda l, v, o: jnp.argmax(crop_and_resize(l, v, o, out_shape), axis=-1))(
-        logits, batch['valid_hw'], batch['orig_hw'])
+      logits, batch['valid_hw'], batch['orig_hw']
+    )
     return area_counts(pred, batch['label'], num_classes, ignore_index)
 
-  return jax.jit(step, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))),
-                 out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(
+    step,
+    in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))),
+    out_shardings=NamedSharding(mesh, P()),
+  )
 
 
-def evaluate(eval_step, variables, eval_data: Iterable, make_global_batch: Callable,
-             num_classes: int, class_names: Optional[Sequence[str]] = None,
-             progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate(
+  eval_step,
+  variables,
+  eval_data: Iterable,
+  make_global_batch: Callable,
+  num_classes: int,
+  class_names: Optional[Sequence[str]] = None,
+  progress: Optional[Callable[[int], None]] = None,
+) -> dict:
   """Run `eval_step` over every batch and turn the summed areas into metrics.
 
   Areas are accumulated on the host in int64 (a batch's int32 counts are far
@@ -157,4 +175,3 @@ def evaluate(eval_step, variables, eval_data: Iterable, make_global_batch: Calla
   metrics['eval_seconds'] = time.time() - t0
   metrics['eval_batches'] = n
   return metrics
-

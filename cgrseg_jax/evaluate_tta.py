@@ -16,6 +16,7 @@ Config (`config.eval`, all optional):
   python main.py --mode=eval --config=configs/ade20k_t.py --config.init=cgrseg_t.pth \\
       --config.eval.tta.scales=0.5,0.75,1.0,1.25,1.5,1.75 --config.eval.tta.flip=True
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,12 +44,15 @@ def eval_options(config) -> Optional[dict]:
   flip = bool(tta.get('flip', False)) if tta is not None else False
   if mode == 'whole' and not scales and not flip:
     return None
-  return dict(mode=mode, crop_size=tuple(ev.get('crop_size', (512, 512))), stride=tuple(ev.get('stride', (341, 341))),
-              tta=dict(scales=scales or (1.0,), flip=flip) if (scales or flip) else None)
+  return dict(
+    mode=mode,
+    crop_size=tuple(ev.get('crop_size', (512, 512))),
+    stride=tuple(ev.get('stride', (341, 341))),
+    tta=dict(scales=scales or (1.0,), flip=flip) if (scales or flip) else None,
+  )
 
 
-def area_counts(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def area_counts(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
   """(4, K) int64 intersection / union / prediction / label areas (mmseg
   `intersect_and_union`: ignored pixels dropped, ids outside [0, K) not counted)."""
   valid = label != ignore_index
@@ -63,10 +67,19 @@ def area_counts(pred: np.ndarray, label: np.ndarray, num_classes: int,
   return np.stack([inter, area_pred + area_label - inter, area_pred, area_label])
 
 
-def evaluate_segmenter(segmenter, source, *, num_classes: int, reduce_zero_label: bool, tta=None,
-                       mode: Optional[str] = None, class_names: Optional[Sequence[str]] = None,
-                       batch_size: int = 1, indices: Optional[Sequence[int]] = None,
-                       progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_segmenter(
+  segmenter,
+  source,
+  *,
+  num_classes: int,
+  reduce_zero_label: bool,
+  tta=None,
+  mode: Optional[str] = None,
+  class_names: Optional[Sequence[str]] = None,
+  batch_size: int = 1,
+  indices: Optional[Sequence[int]] = None,
+  progress: Optional[Callable[[int], None]] = None,
+) -> dict:
   """mmseg metrics of `segmenter` over `source` records ({'image': BGR uint8,
   'label': uint8}); `indices` restricts to a subset (e.g. this process's share)."""
   from cgrseg_jax import evaluate
@@ -78,8 +91,7 @@ def evaluate_segmenter(segmenter, source, *, num_classes: int, reduce_zero_label
 
   def flush():
     nonlocal total, done
-    preds = segmenter.predict_batch([np.ascontiguousarray(r['image'][..., ::-1]) for r in chunk], tta=tta,
-                                    mode=mode)
+    preds = segmenter.predict_batch([np.ascontiguousarray(r['image'][..., ::-1]) for r in chunk], tta=tta, mode=mode)
     for rec, pred in zip(chunk, preds):
       label = T.reduce_zero_label(rec['label']) if reduce_zero_label else rec['label']
       if label.shape != pred.shape:
@@ -117,22 +129,37 @@ def evaluate_from_config(config, model, variables) -> dict:
   kwargs = {}
   if d.dataset == 'synthetic':
     s = d.synthetic
-    kwargs = dict(num_classes=s.num_classes, image_size=tuple(s.image_size), seed=config.seed,
-                  num_samples=s.num_val)
-  source, info = dp.resolve_source(d.dataset, d.root, d.val_split, source_kwargs=kwargs or None,
-                                   num_classes=config.model.num_classes)
+    kwargs = dict(num_classes=s.num_classes, image_size=tuple(s.image_size), seed=config.seed, num_samples=s.num_val)
+  source, info = dp.resolve_source(
+    d.dataset, d.root, d.val_split, source_kwargs=kwargs or None, num_classes=config.model.num_classes
+  )
   n = len(source) if not d.get('eval_max_images') else min(len(source), int(d.eval_max_images))
   mine = list(range(jax.process_index(), n, jax.process_count()))
-  seg = Segmenter(model, variables, dataset=d.dataset, img_scale=tuple(d.img_scale), size_divisor=d.size_divisor,
-                  mode=options['mode'], crop_size=options['crop_size'], stride=options['stride'],
-                  class_names=info.class_names or None)
+  seg = Segmenter(
+    model,
+    variables,
+    dataset=d.dataset,
+    img_scale=tuple(d.img_scale),
+    size_divisor=d.size_divisor,
+    mode=options['mode'],
+    crop_size=options['crop_size'],
+    stride=options['stride'],
+    class_names=info.class_names or None,
+  )
   log.info('evaluating %d images with %s inference, TTA %s', len(mine), options['mode'], options['tta'])
-  metrics = evaluate_segmenter(seg, source, num_classes=config.model.num_classes,
-                               reduce_zero_label=info.reduce_zero_label, tta=options['tta'],
-                               class_names=info.class_names or None, indices=mine)
+  metrics = evaluate_segmenter(
+    seg,
+    source,
+    num_classes=config.model.num_classes,
+    reduce_zero_label=info.reduce_zero_label,
+    tta=options['tta'],
+    class_names=info.class_names or None,
+    indices=mine,
+  )
   areas = np.asarray(metrics.pop('areas'), np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     areas = np.asarray(multihost_utils.process_allgather(areas)).sum(0)
     seconds = metrics['eval_seconds']
     metrics = evaluate.metrics_from_areas(areas, info.class_names or None)

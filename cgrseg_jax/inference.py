@@ -24,6 +24,7 @@ pads further to merge shapes; this is not numerically neutral (the head's global
 pooling and the adaptive pooling see the extra zeros), so it trades exact parity
 for fewer compilations.
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,12 +43,12 @@ from cgrseg_jax.data import transforms as T
 
 # mmseg's keep-ratio test scales per dataset (dataset configs of mmseg 0.27).
 TEST_SCALES = {
-    'ade20k': (2048, 512),
-    'coco_stuff10k': (2048, 512),
-    'coco_stuff164k': (2048, 512),
-    'pascal_context59': (520, 520),
-    'cityscapes': (2048, 1024),
-    'synthetic': (2048, 512),
+  'ade20k': (2048, 512),
+  'coco_stuff10k': (2048, 512),
+  'coco_stuff164k': (2048, 512),
+  'pascal_context59': (520, 520),
+  'cityscapes': (2048, 1024),
+  'synthetic': (2048, 512),
 }
 DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -64,6 +65,7 @@ class TTA:
   scale ``(int(s0 * r), int(s1 * r))``.  ``flip`` adds a horizontally flipped
   copy of every scale, whose output is flipped back before averaging.
   """
+
   scales: tuple[float, ...] = DEFAULT_TTA_SCALES
   flip: bool = True
 
@@ -88,6 +90,7 @@ class TTA:
 
 
 # ----------------------------------------------------------------- geometry
+
 
 def round_up(hw: Sequence[int], multiple: int) -> tuple[int, int]:
   return tuple(int(-(-int(x) // multiple) * multiple) for x in hw)  # type: ignore[return-value]
@@ -121,6 +124,7 @@ def slide_windows(hw: Sequence[int], crop: Sequence[int], stride: Sequence[int])
 
 # ------------------------------------------------------ device computations
 
+
 def _normalise(images_u8, valid_hw):
   """RGB uint8 (B, H, W, 3) -> mmcv-normalised float32, padding exactly 0."""
   x = images_u8.astype(jnp.float32)
@@ -128,8 +132,9 @@ def _normalise(images_u8, valid_hw):
   stdinv = jnp.asarray((1.0 / np.asarray(T.STD_RGB, np.float64)).astype(np.float32))
   x = (x - mean) * stdinv
   h, w = x.shape[1], x.shape[2]
-  inside = ((jnp.arange(h)[None, :, None] < valid_hw[:, 0, None, None])
-            & (jnp.arange(w)[None, None, :] < valid_hw[:, 1, None, None]))
+  inside = (jnp.arange(h)[None, :, None] < valid_hw[:, 0, None, None]) & (
+    jnp.arange(w)[None, None, :] < valid_hw[:, 1, None, None]
+  )
   return jnp.where(inside[..., None], x, 0.0)
 
 
@@ -160,12 +165,14 @@ def _to_original(logits, valid_hw, orig_hw, canvas, flip):
 
 # ---------------------------------------------------------------- segmenter
 
+
 @dataclasses.dataclass
 class _Prepared:
   """One view of one image on the host: padded uint8 canvas and its sizes."""
-  image: np.ndarray          # (Hb, Wb, 3) uint8, RGB, zero padded
+
+  image: np.ndarray  # (Hb, Wb, 3) uint8, RGB, zero padded
   valid_hw: tuple[int, int]  # resized size
-  pad_hw: tuple[int, int]    # mmseg's padded size (multiple of size_divisor)
+  pad_hw: tuple[int, int]  # mmseg's padded size (multiple of size_divisor)
 
 
 class Segmenter:
@@ -191,12 +198,24 @@ class Segmenter:
     canvas_multiple: output canvases are the original size rounded up to this.
   """
 
-  def __init__(self, model, variables, *, dataset: str = 'ade20k', img_scale: Optional[Sequence[int]] = None,
-               size_divisor: int = 32, bucket_multiple: Optional[int] = None,
-               buckets: Optional[Sequence[Sequence[int]]] = None, mode: str = 'whole',
-               crop_size: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341),
-               batch_size: int = 1, canvas_multiple: int = 64,
-               class_names: Optional[Sequence[str]] = None, palette: Optional[np.ndarray] = None):
+  def __init__(
+    self,
+    model,
+    variables,
+    *,
+    dataset: str = 'ade20k',
+    img_scale: Optional[Sequence[int]] = None,
+    size_divisor: int = 32,
+    bucket_multiple: Optional[int] = None,
+    buckets: Optional[Sequence[Sequence[int]]] = None,
+    mode: str = 'whole',
+    crop_size: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    batch_size: int = 1,
+    canvas_multiple: int = 64,
+    class_names: Optional[Sequence[str]] = None,
+    palette: Optional[np.ndarray] = None,
+  ):
     self.model = model
     self.variables = jax.device_put(variables)
     self.num_classes = int(model.decode_head.num_classes)
@@ -229,8 +248,9 @@ class Segmenter:
   # --------------------------------------------------------------- loading
 
   @classmethod
-  def from_checkpoint(cls, path: str, variant: Optional[str] = None, dataset: str = 'ade20k',
-                      dtype=jnp.float32, **kwargs) -> 'Segmenter':
+  def from_checkpoint(
+    cls, path: str, variant: Optional[str] = None, dataset: str = 'ade20k', dtype=jnp.float32, **kwargs
+  ) -> 'Segmenter':
     """From an upstream mmseg ``.pth``, a converted checkpoint directory
     (``convert.save_variables``) or a training run (its workdir, its
     ``checkpoints/`` dir or one step dir; the latest step is used).
@@ -254,17 +274,20 @@ class Segmenter:
       found_variant, num_classes = meta['variant'], int(meta['num_classes'])
     else:
       from cgrseg_jax import checkpointing
+
       try:
         variables = checkpointing.load_orbax_variables(path)
       except checkpointing.InitError as e:
-        raise InferenceError(f'{path}: not a .pth file, a converted checkpoint (cgrseg.json) or a training '
-                             f'checkpoint ({e})') from None
+        raise InferenceError(
+          f'{path}: not a .pth file, a converted checkpoint (cgrseg.json) or a training checkpoint ({e})'
+        ) from None
       state = convert.variables_to_state_dict(variables)
       found_variant, num_classes = convert.detect_variant(state)
     if variant is not None and variant != found_variant:
       raise InferenceError(f'{path}: the weights are CGRSeg-{found_variant}, but variant={variant!r} was given')
-    variables = {c: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), variables[c])
-                 for c in ('params', 'batch_stats')}
+    variables = {
+      c: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), variables[c]) for c in ('params', 'batch_stats')
+    }
     return cls(build_segmentor(found_variant, num_classes, dtype=dtype), variables, dataset=dataset, **kwargs)
 
   def _default_names(self) -> tuple[str, ...]:
@@ -282,8 +305,11 @@ class Segmenter:
     except KeyError:
       pal = np.zeros((0, 3), np.uint8)
     if len(pal) != self.num_classes:
-      pal = class_lists.voc_colormap(self.num_classes + 1)[1:] if self.num_classes < 256 else \
-          np.random.default_rng(0).integers(0, 256, (self.num_classes, 3), dtype=np.uint8)
+      pal = (
+        class_lists.voc_colormap(self.num_classes + 1)[1:]
+        if self.num_classes < 256
+        else np.random.default_rng(0).integers(0, 256, (self.num_classes, 3), dtype=np.uint8)
+      )
     return pal
 
   # ------------------------------------------------------ jitted functions
@@ -348,32 +374,32 @@ class Segmenter:
     if image.ndim == 2:
       image = np.repeat(image[..., None], 3, axis=-1)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise InferenceError(f'{name}: expected an RGB uint8 image (H, W, 3), got dtype {image.dtype} '
-                           f'shape {image.shape}')
+      raise InferenceError(
+        f'{name}: expected an RGB uint8 image (H, W, 3), got dtype {image.dtype} shape {image.shape}'
+      )
     if min(image.shape[:2]) < 1:
       raise InferenceError(f'{name}: empty image of shape {image.shape}')
     return image
 
-  def _run_views(self, items: list[tuple[Any, _Prepared]], shape_key: tuple[int, int], mode: str,
-                 batch_size: int):
+  def _run_views(self, items: list[tuple[Any, _Prepared]], shape_key: tuple[int, int], mode: str, batch_size: int):
     """Forward of views that share an input shape, ``batch_size`` at a time
     (slide: one image at a time, its windows batched).
     Yields (item id, logits batch, index in batch, prepared view)."""
     if mode == 'slide':
       for item_id, p in items:
         canvas = np.zeros((1, *shape_key, 3), np.uint8)
-        canvas[0, :p.image.shape[0], :p.image.shape[1]] = p.image
+        canvas[0, : p.image.shape[0], : p.image.shape[1]] = p.image
         windows = tuple(slide_windows(shape_key, self.crop_size, self.stride))
         logits = self._slide(self.variables, canvas, np.asarray([p.valid_hw], np.int32), windows=windows)
         yield item_id, logits, 0, p
       return
     bs = batch_size
     for start in range(0, len(items), bs):
-      chunk = items[start:start + bs]
+      chunk = items[start : start + bs]
       batch = np.zeros((bs, *shape_key, 3), np.uint8)
       valid = np.zeros((bs, 2), np.int32)
       for k, (_, p) in enumerate(chunk):
-        batch[k, :p.image.shape[0], :p.image.shape[1]] = p.image
+        batch[k, : p.image.shape[0], : p.image.shape[1]] = p.image
         valid[k] = p.valid_hw
       logits = self._forward(self.variables, batch, valid)
       for k, (item_id, p) in enumerate(chunk):
@@ -385,8 +411,9 @@ class Segmenter:
     """Label map (H, W) int32 of one RGB uint8 image (H, W, 3)."""
     return self.predict_batch([image], tta=tta, mode=mode, batch_size=1)[0]
 
-  def predict_batch(self, images: Iterable[np.ndarray], tta=None, mode: Optional[str] = None,
-                    batch_size: Optional[int] = None) -> list[np.ndarray]:
+  def predict_batch(
+    self, images: Iterable[np.ndarray], tta=None, mode: Optional[str] = None, batch_size: Optional[int] = None
+  ) -> list[np.ndarray]:
     """Label maps of several images of any sizes, in input order.
 
     Single-view inference groups the images by input bucket and runs
@@ -429,7 +456,7 @@ class Segmenter:
     for image, r in zip(images, results):
       if average:
         r = self._argmax(r)  # mmseg divides the sum by the view count: same argmax
-      out.append(np.asarray(r)[:image.shape[0], :image.shape[1]])
+      out.append(np.asarray(r)[: image.shape[0], : image.shape[1]])
     return out
 
   # --------------------------------------------------------- visualisation
@@ -438,7 +465,7 @@ class Segmenter:
     """RGB uint8 image of a label map in the dataset palette (ids outside
     [0, K) are black)."""
     lut = np.zeros((max(self.num_classes, int(labels.max(initial=0)) + 1), 3), np.uint8)
-    lut[:self.num_classes] = self.palette
+    lut[: self.num_classes] = self.palette
     return lut[np.clip(labels, 0, len(lut) - 1)]
 
   def overlay(self, image: np.ndarray, labels: np.ndarray, opacity: float = 0.5) -> np.ndarray:
@@ -449,8 +476,13 @@ class Segmenter:
     return np.clip(blend + 0.5, 0, 255).astype(np.uint8)
 
   def info(self) -> dict:
-    return dict(num_classes=self.num_classes, dataset=self.dataset,
-                img_scale=list(self.img_scale), mode=self.mode, bucket_multiple=self.bucket_multiple)
+    return dict(
+      num_classes=self.num_classes,
+      dataset=self.dataset,
+      img_scale=list(self.img_scale),
+      mode=self.mode,
+      bucket_multiple=self.bucket_multiple,
+    )
 
   def describe(self) -> str:
     return json.dumps(self.info())

@@ -5,6 +5,7 @@ mmseg's `BaseDecodeHead.losses` resizes the stride-8 logits bilinearly
 `ignore_index=255` (ignored pixels contribute 0) and averages over ALL pixels
 of the batch, ignored ones included. With `loss_weight=1.0` that is the loss.
 """
+
 from __future__ import annotations
 
 import jax

@@ -17,6 +17,7 @@ the same `custom_keys` dict as the upstream config gives the same groups.
 `optax.adamw` would scale the decay by the global lr only, hence the custom
 chain below: Adam moments, + wd_g * p per leaf, x per-leaf lr at step i.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping, NamedTuple
@@ -30,9 +31,9 @@ from cgrseg_jax.convert import flax_path_to_torch_key
 
 # upstream local_configs/cgrseg/cgrseg-*_ade20k_160k.py
 UPSTREAM_CUSTOM_KEYS = {
-    'absolute_pos_embed': dict(decay_mult=0.0),
-    'head': dict(lr_mult=10.0),
-    'norm': dict(decay_mult=0.0),
+  'absolute_pos_embed': dict(decay_mult=0.0),
+  'head': dict(lr_mult=10.0),
+  'norm': dict(decay_mult=0.0),
 }
 _ALLOWED_MULTS = ('lr_mult', 'decay_mult')
 
@@ -40,7 +41,8 @@ _ALLOWED_MULTS = ('lr_mult', 'decay_mult')
 def param_names(params: Any) -> Any:
   """A pytree like `params` whose leaves are the upstream parameter names."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: flax_path_to_torch_key('params', tuple(k.key for k in path)), params)
+    lambda path, _: flax_path_to_torch_key('params', tuple(k.key for k in path)), params
+  )
 
 
 def match_custom_key(name: str, custom_keys: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
@@ -65,8 +67,7 @@ def multipliers(params: Any, custom_keys: Mapping[str, Mapping[str, float]]) -> 
   return lr, wd
 
 
-def poly_warmup_factor(step, total_steps: int, power: float = 1.0, warmup_steps: int = 0,
-                       warmup_ratio: float = 1e-6):
+def poly_warmup_factor(step, total_steps: int, power: float = 1.0, warmup_steps: int = 0, warmup_ratio: float = 1e-6):
   """mmcv `PolyLrUpdaterHook` with `warmup='linear'` as a factor on the
   group's initial lr, at 0-based iteration `step` (min_lr = 0, as upstream).
 
@@ -87,8 +88,9 @@ class ScaleByGroupLrState(NamedTuple):
   count: jax.Array
 
 
-def scale_by_group_lr(base_lr: float, lr_mults: Any, factor_fn: Callable[[jax.Array], jax.Array]
-                      ) -> optax.GradientTransformation:
+def scale_by_group_lr(
+  base_lr: float, lr_mults: Any, factor_fn: Callable[[jax.Array], jax.Array]
+) -> optax.GradientTransformation:
   """updates * -(base_lr * lr_mult * factor_fn(count)), per leaf; count from 0."""
 
   def init_fn(params):
@@ -112,26 +114,36 @@ def add_group_decay(weight_decay: float, decay_mults: Any) -> optax.GradientTran
     if params is None:
       raise ValueError('add_group_decay needs the params')
     updates = jax.tree_util.tree_map(
-        lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, decay_mults)
+      lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, decay_mults
+    )
     return updates, state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def build_optimizer(params: Any, *, lr: float, weight_decay: float, total_steps: int,
-                    betas=(0.9, 0.999), eps: float = 1e-8, power: float = 1.0,
-                    warmup_steps: int = 0, warmup_ratio: float = 1e-6,
-                    custom_keys: Mapping[str, Mapping[str, float]] = UPSTREAM_CUSTOM_KEYS,
-                    grad_clip: float | None = None) -> optax.GradientTransformation:
+def build_optimizer(
+  params: Any,
+  *,
+  lr: float,
+  weight_decay: float,
+  total_steps: int,
+  betas=(0.9, 0.999),
+  eps: float = 1e-8,
+  power: float = 1.0,
+  warmup_steps: int = 0,
+  warmup_ratio: float = 1e-6,
+  custom_keys: Mapping[str, Mapping[str, float]] = UPSTREAM_CUSTOM_KEYS,
+  grad_clip: float | None = None,
+) -> optax.GradientTransformation:
   """The upstream optimizer for `params` (multipliers are static Python floats
   baked into the transformation, so they are not part of the optimizer state)."""
   lr_mults, decay_mults = multipliers(params, custom_keys)
   factor = lambda i: poly_warmup_factor(i, total_steps, power, warmup_steps, warmup_ratio)
   chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   chain += [
-      optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps),
-      add_group_decay(weight_decay, decay_mults),
-      scale_by_group_lr(lr, lr_mults, factor),
+    optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=eps),
+    add_group_decay(weight_decay, decay_mults),
+    scale_by_group_lr(lr, lr_mults, factor),
   ]
   return optax.chain(*chain)
 
@@ -140,14 +152,25 @@ def build_optimizer_from_config(params: Any, config) -> optax.GradientTransforma
   """`config.optimizer` + `config.schedule` + `config.total_steps` -> optimizer."""
   o, s = config.optimizer, config.schedule
   custom_keys = {k: dict(v) for k, v in o.custom_keys.items()}
-  return build_optimizer(params, lr=o.lr, weight_decay=o.weight_decay, total_steps=config.total_steps,
-                         betas=tuple(o.betas), eps=o.eps, power=s.power, warmup_steps=s.warmup_steps,
-                         warmup_ratio=s.warmup_ratio, custom_keys=custom_keys,
-                         grad_clip=o.get('grad_clip', None))
+  return build_optimizer(
+    params,
+    lr=o.lr,
+    weight_decay=o.weight_decay,
+    total_steps=config.total_steps,
+    betas=tuple(o.betas),
+    eps=o.eps,
+    power=s.power,
+    warmup_steps=s.warmup_steps,
+    warmup_ratio=s.warmup_ratio,
+    custom_keys=custom_keys,
+    grad_clip=o.get('grad_clip', None),
+  )
 
 
 def learning_rate(config, step) -> float:
   """The base (multiplier 1) lr at iteration `step`, for logging."""
   s = config.schedule
-  return float(config.optimizer.lr * np.asarray(
-      poly_warmup_factor(step, config.total_steps, s.power, s.warmup_steps, s.warmup_ratio)))
+  return float(
+    config.optimizer.lr
+    * np.asarray(poly_warmup_factor(step, config.total_steps, s.power, s.warmup_steps, s.warmup_ratio))
+  )

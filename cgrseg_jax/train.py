@@ -6,6 +6,7 @@ global batch is one array sharded over the mesh axis 'data' (all devices of
 all processes), so BatchNorm's batch statistics are those of the global
 batch (SyncBN) and gradients are global means, with no explicit collectives.
 """
+
 from __future__ import annotations
 
 import functools
@@ -50,8 +51,12 @@ class TrainState:
 def build_model(config):
   if config.precision not in DTYPES:
     raise ValueError(f'config.precision={config.precision!r}; expected one of {sorted(DTYPES)}')
-  return build_segmentor(config.model.variant, config.model.num_classes, dtype=DTYPES[config.precision],
-                         drop_path_rate=config.model.get('drop_path_rate'))
+  return build_segmentor(
+    config.model.variant,
+    config.model.num_classes,
+    dtype=DTYPES[config.precision],
+    drop_path_rate=config.model.get('drop_path_rate'),
+  )
 
 
 def train_step(state: TrainState, batch, *, model, tx, dtype):
@@ -60,8 +65,14 @@ def train_step(state: TrainState, batch, *, model, tx, dtype):
   x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype)
 
   def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-                                  method='decode', mutable=['batch_stats'], rngs={'dropout': rng})
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': state.batch_stats},
+      x,
+      train=True,
+      method='decode',
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
     return losses.segmentation_loss(logits, batch['label']), updates['batch_stats']
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -74,7 +85,8 @@ def train_step(state: TrainState, batch, *, model, tx, dtype):
 def _replicate(tree, sharding):
   """Host values (identical on every process) -> arrays with `sharding`."""
   return jax.tree_util.tree_map(
-      lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda idx, v=v: np.asarray(v)[idx]), tree)
+    lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda idx, v=v: np.asarray(v)[idx]), tree
+  )
 
 
 class _Preemption:
@@ -98,6 +110,7 @@ class _Preemption:
   def should_stop(self, step: int) -> bool:
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       try:
         return multihost_utils.reached_preemption_sync_point(step)
       except RuntimeError:  # no preemption service (jax_enable_preemption_service off)
@@ -118,6 +131,7 @@ class _Writer:
     if self.active:
       try:
         from tensorboardX import SummaryWriter
+
         self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
       except ImportError:
         log.warning('tensorboardX not installed: no TensorBoard event files (metrics.jsonl still written)')
@@ -148,10 +162,16 @@ def _save_config(config, workdir: str):
 def _run_eval(config, model, mesh, eval_data, variables, writer, step: int) -> dict:
   class_names = eval_data.info.class_names or None
   eval_step = _eval_step_cache(model, mesh, config.model.num_classes)
-  metrics = evaluate.evaluate(eval_step, variables, eval_data, lambda b: dp.make_global_batch(b, mesh),
-                              config.model.num_classes, class_names)
-  log.info('step %d validation (%d batches, %.1fs):\n%s', step, metrics['eval_batches'],
-           metrics['eval_seconds'], evaluate.format_table(metrics))
+  metrics = evaluate.evaluate(
+    eval_step, variables, eval_data, lambda b: dp.make_global_batch(b, mesh), config.model.num_classes, class_names
+  )
+  log.info(
+    'step %d validation (%d batches, %.1fs):\n%s',
+    step,
+    metrics['eval_batches'],
+    metrics['eval_seconds'],
+    evaluate.format_table(metrics),
+  )
   writer.write(step, metrics, 'val')
   return metrics
 
@@ -162,8 +182,9 @@ def _eval_step_cache(model, mesh, num_classes):
   return evaluate.make_eval_step(model, mesh, num_classes, normalize)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       on_step: Optional[Callable[[int, dict], None]] = None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, on_step: Optional[Callable[[int, dict], None]] = None
+) -> dict:
   """Train per `config`, resuming from `<workdir>/checkpoints` if present.
 
   `on_step(step, local_batch)` is called after each step is dispatched (tests
@@ -180,8 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   if config.batch_size % mesh.size:
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices')
-  log.info('mesh: %d devices over %d processes; global batch %d', mesh.size, jax.process_count(),
-           config.batch_size)
+  log.info('mesh: %d devices over %d processes; global batch %d', mesh.size, jax.process_count(), config.batch_size)
 
   # ---- data
   train_it = batches.train_iterator(config)
@@ -194,9 +214,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx = optim.build_optimizer_from_config(init_vars['params'], config)
 
   def make_state(variables):
-    return TrainState(step=jnp.zeros([], jnp.int32), params=variables['params'],
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(variables['params']),
-                      rng=jax.random.PRNGKey(config.seed + 1))
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+      rng=jax.random.PRNGKey(config.seed + 1),
+    )
 
   # ---- sharding: state replicated, batch split over 'data'
   abstract = jax.eval_shape(make_state, init_vars)
@@ -204,8 +228,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ---- step
   dtype = DTYPES[config.precision]
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, dtype=dtype),
-                    in_shardings=(repl, data_sharding), out_shardings=(repl, repl), donate_argnums=(0,))
+  step_fn = jax.jit(
+    functools.partial(train_step, model=model, tx=tx, dtype=dtype),
+    in_shardings=(repl, data_sharding),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
 
   # ---- checkpoint: resume from workdir, else config.init
   manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
@@ -214,8 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = checkpointing.restore(manager, latest, abstract, train_it)
     log.info('resumed from %s/checkpoints/%d', workdir, latest)
   else:
-    host_vars = checkpointing.load_init_variables(config.init, jax.device_get(init_vars),
-                                                  config.model.variant, config.model.num_classes)
+    host_vars = checkpointing.load_init_variables(
+      config.init, jax.device_get(init_vars), config.model.variant, config.model.num_classes
+    )
     state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
   del init_vars
   start = int(jax.device_get(state.step))
@@ -227,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   bar = None
   if config.progress_bar and jax.process_index() == 0 and sys.stderr.isatty():
     from tqdm import tqdm
+
     bar = tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, smoothing=0.1)
   last_saved = latest
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy
@@ -236,8 +266,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     step_done, m = pending_item
     loss = float(m['loss'])
     if not (np.isfinite(loss) and np.isfinite(float(m['grad_norm']))):
-      raise FloatingPointError(f'loss is {loss} at step {step_done} (iteration {step_done - 1}); stopping. '
-                               f'Last good checkpoint: step {manager.latest_step()} in {workdir}/checkpoints')
+      raise FloatingPointError(
+        f'loss is {loss} at step {step_done} (iteration {step_done - 1}); stopping. '
+        f'Last good checkpoint: step {manager.latest_step()} in {workdir}/checkpoints'
+      )
     return loss
 
   def save(step, metrics=None, force=False):
@@ -266,19 +298,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if done % config.log_every == 0 or done == total:
           loss = check(pending)
           dt = time.time() - t_last
-          rec = {'loss': loss, 'grad_norm': float(metrics['grad_norm']), 'lr': optim.learning_rate(config, step),
-                 'images_per_sec': n_last * config.batch_size / max(dt, 1e-9)}
+          rec = {
+            'loss': loss,
+            'grad_norm': float(metrics['grad_norm']),
+            'lr': optim.learning_rate(config, step),
+            'images_per_sec': n_last * config.batch_size / max(dt, 1e-9),
+          }
           writer.write(done, rec, 'train')
           if bar is not None:
-            bar.set_postfix(loss=f'{loss:.4f}', lr=f"{rec['lr']:.2e}", img_s=f"{rec['images_per_sec']:.1f}")
+            bar.set_postfix(loss=f'{loss:.4f}', lr=f'{rec["lr"]:.2e}', img_s=f'{rec["images_per_sec"]:.1f}')
           else:  # not a terminal: one log line per log interval, with an ETA
             eta = (total - done) * config.batch_size / max(rec['images_per_sec'], 1e-9)
-            log.info('step %d/%d loss %.4f lr %.3g %.1f img/s ETA %s', done, total, loss, rec['lr'],
-                     rec['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+            log.info(
+              'step %d/%d loss %.4f lr %.3g %.1f img/s ETA %s',
+              done,
+              total,
+              loss,
+              rec['lr'],
+              rec['images_per_sec'],
+              time.strftime('%H:%M:%S', time.gmtime(eta)),
+            )
           t_last, n_last = time.time(), 0
 
         eval_now = config.eval_every >= 0 and (
-            done == total or (config.eval_every > 0 and done % config.eval_every == 0))
+          done == total or (config.eval_every > 0 and done % config.eval_every == 0)
+        )
         ckpt_now = done == total or (config.checkpoint_every and done % config.checkpoint_every == 0)
         if eval_now or ckpt_now:
           check(pending)  # never checkpoint a non-finite state
@@ -287,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           val = _run_eval(config, model, mesh, eval_data, state.variables, writer, done)
           summary['val'] = val
           if bar is not None:
-            bar.write(f"step {done}: mIoU {val['mIoU']:.4f} mAcc {val['mAcc']:.4f} aAcc {val['aAcc']:.4f}")
+            bar.write(f'step {done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')
         if eval_now or ckpt_now:
           save(done, {'mIoU': val['mIoU']} if val else None)
 
@@ -328,8 +372,12 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if evaluate_tta.eval_options(config) is not None:  # TTA or slide: per-image test pipeline
       metrics = evaluate_tta.evaluate_from_config(config, model, host_vars)
-      log.info('validation (%d images, %.1fs):\n%s', metrics['eval_images'], metrics['eval_seconds'],
-               evaluate.format_table(metrics))
+      log.info(
+        'validation (%d images, %.1fs):\n%s',
+        metrics['eval_images'],
+        metrics['eval_seconds'],
+        evaluate.format_table(metrics),
+      )
       writer.write(0, metrics, 'val')
       return metrics
     return _run_eval(config, model, mesh, batches.eval_data(config), _replicate(host_vars, repl), writer, 0)

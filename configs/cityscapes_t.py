@@ -6,6 +6,7 @@ optimiser and schedule length (160k, batch 16) and mmseg's dataset pipeline.
 mmseg evaluates Cityscapes with sliding windows (1024x1024, stride 768); this
 port uses whole-image inference at (2048, 1024).
 """
+
 from configs import default
 
 

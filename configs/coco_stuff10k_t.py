@@ -6,6 +6,7 @@ Assumption: the paper reports COCO-Stuff-10k with the ADE20K optimiser settings;
 the schedule length is not in the upstream repo, we use mmseg's 80k schedule
 for this dataset (`schedule_80k.py`, as in mmseg's COCO-Stuff-10k configs).
 """
+
 from configs import default
 
 

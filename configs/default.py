@@ -8,6 +8,7 @@ are `placeholder`s with a type.
 Batch sizes are GLOBAL (summed over all processes and devices); each process
 loads `batch_size / jax.process_count()` examples per step.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -18,19 +19,19 @@ def get_config():
 
   # ---- data (mmseg 0.27 ADE20K pipeline)
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'ade20k'                 # ade20k | coco_stuff10k | pascal_context59 | cityscapes | synthetic | custom
+  c.data.dataset = 'ade20k'  # ade20k | coco_stuff10k | pascal_context59 | cityscapes | synthetic | custom
   c.data.root = config_dict.placeholder(str)  # the mmseg layout root, e.g. data/ade/ADEChallengeData2016
   c.data.train_split = 'train'
   c.data.val_split = 'val'
-  c.data.img_scale = (2048, 512)            # Resize img_scale (keep ratio), train and test
-  c.data.ratio_range = (0.5, 2.0)           # train-time random rescale
-  c.data.crop_size = (512, 512)             # RandomCrop, then Pad to this size
+  c.data.img_scale = (2048, 512)  # Resize img_scale (keep ratio), train and test
+  c.data.ratio_range = (0.5, 2.0)  # train-time random rescale
+  c.data.crop_size = (512, 512)  # RandomCrop, then Pad to this size
   c.data.cat_max_ratio = 0.75
   c.data.flip_prob = 0.5
-  c.data.photometric = True                 # PhotoMetricDistortion
-  c.data.size_divisor = 32                  # test-time padding
-  c.data.workers = 4                        # grain worker processes per host (0 = in-process)
-  c.data.prefetch = 2                       # batches buffered per worker
+  c.data.photometric = True  # PhotoMetricDistortion
+  c.data.size_divisor = 32  # test-time padding
+  c.data.workers = 4  # grain worker processes per host (0 = in-process)
+  c.data.prefetch = 2  # batches buffered per worker
   c.data.eval_max_images = config_dict.placeholder(int)  # evaluate on the first N val images only
   # Eval images are padded to a multiple of size_divisor (mmseg), then to
   # coarser multiples until at most this many shapes remain (one compile
@@ -47,16 +48,16 @@ def get_config():
   c.data.synthetic.num_val = 100
   c.data.synthetic.image_size = (512, 683)
 
-  c.batch_size = 16                         # global: 4 GPUs x 4 upstream
-  c.eval_batch_size = 1                     # global; whole-image test uses 1 image per device step
+  c.batch_size = 16  # global: 4 GPUs x 4 upstream
+  c.eval_batch_size = 1  # global; whole-image test uses 1 image per device step
   c.total_steps = 160_000
 
   # ---- model
   c.model = ml_collections.ConfigDict()
-  c.model.variant = 't'                     # t | b | l | tiny (tests)
+  c.model.variant = 't'  # t | b | l | tiny (tests)
   c.model.num_classes = 150
   c.model.drop_path_rate = config_dict.placeholder(float)  # None: the variant's upstream rate
-  c.precision = 'float32'                   # compute dtype: float32 | bfloat16 (params stay float32)
+  c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
 
   # ---- initialisation: 'scratch'; an EfficientFormerV2 ImageNet .pth (backbone
   # only, e.g. eformer_s1_450.pth, as upstream); a CGRSeg mmseg .pth; or an
@@ -71,11 +72,13 @@ def get_config():
   c.optimizer.weight_decay = 0.01
   # Substring rule on the upstream parameter names: longest key first, ties
   # alphabetical, first match wins; lr = lr * lr_mult, wd = wd * decay_mult.
-  c.optimizer.custom_keys = ml_collections.ConfigDict({
+  c.optimizer.custom_keys = ml_collections.ConfigDict(
+    {
       'absolute_pos_embed': {'decay_mult': 0.0},
       'head': {'lr_mult': 10.0},
       'norm': {'decay_mult': 0.0},
-  })
+    }
+  )
   c.optimizer.grad_clip = config_dict.placeholder(float)  # upstream: none
 
   # ---- schedule: mmcv poly (power 1, min_lr 0) + linear warmup, per iteration
@@ -85,19 +88,19 @@ def get_config():
   c.schedule.warmup_ratio = 1e-6
 
   # ---- loop
-  c.log_every = 50                          # scalars to TensorBoard / metrics.jsonl
-  c.eval_every = 4000                       # 0 = only at the end, < 0 = never
-  c.checkpoint_every = 4000                 # also at every eval and at the end
-  c.keep_checkpoints = 3                    # the last N; the best by mIoU is kept too
+  c.log_every = 50  # scalars to TensorBoard / metrics.jsonl
+  c.eval_every = 4000  # 0 = only at the end, < 0 = never
+  c.checkpoint_every = 4000  # also at every eval and at the end
+  c.keep_checkpoints = 3  # the last N; the best by mIoU is kept too
   c.progress_bar = True
 
   # ---- test-time options of --mode=eval (cgrseg_jax/evaluate_tta.py); the
   # defaults (whole image, no TTA) use the bucketed evaluation of evaluate.py.
   c.eval = ml_collections.ConfigDict()
-  c.eval.mode = 'whole'                     # or 'slide' (mmseg slide_inference)
-  c.eval.crop_size = (512, 512)             # slide window
-  c.eval.stride = (341, 341)                # slide step
+  c.eval.mode = 'whole'  # or 'slide' (mmseg slide_inference)
+  c.eval.crop_size = (512, 512)  # slide window
+  c.eval.stride = (341, 341)  # slide step
   c.eval.tta = ml_collections.ConfigDict()
-  c.eval.tta.scales = ()                    # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75
-  c.eval.tta.flip = False                   # add flipped views (softmax maps averaged)
+  c.eval.tta.scales = ()  # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75
+  c.eval.tta.flip = False  # add flipped views (softmax maps averaged)
   return c

@@ -6,6 +6,7 @@ the CGRSeg repo ships no Pascal Context config, so we keep the ADE20K optimiser
 and use 80k iterations. mmseg evaluates Pascal Context with sliding windows
 (480, stride 320); this port uses whole-image inference (documented difference).
 """
+
 from configs import default
 
 

@@ -5,6 +5,7 @@ minutes there (see README for the measured curve). Same recipe as upstream
 otherwise (AdamW, custom_keys, poly + warmup) with a higher lr and a short
 warmup for the short schedule.
 """
+
 from configs import default
 
 

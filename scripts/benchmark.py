@@ -26,6 +26,7 @@ cores (`--threads`). The JSON (`--output`) has `params`, `gmacs`, `input`,
 `eval_img_per_s` by batch size, `train_step_s`, `train_img_per_s`) and
 `ratio` (`eval_bs1`, `eval_bs8`, `train`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,15 @@ for p in (ROOT, os.path.join(ROOT, 'tests')):
   if p not in sys.path:
     sys.path.insert(0, p)
 
-PAPER = {'t': dict(gflops=4.0, params_m=9.4, img_per_s=138.4), 'b': dict(gflops=7.6, params_m=18.1, img_per_s=98.4),
-         'l': dict(gflops=14.9, params_m=35.7, img_per_s=73.0)}
+PAPER = {
+  't': dict(gflops=4.0, params_m=9.4, img_per_s=138.4),
+  'b': dict(gflops=7.6, params_m=18.1, img_per_s=98.4),
+  'l': dict(gflops=14.9, params_m=35.7, img_per_s=73.0),
+}
 
 
 # ------------------------------------------------------------------ timing
+
 
 def measure(fn, warmup: int, reps: int) -> dict:
   """Median/min/max seconds of `fn()` (which must block until its work is done)."""
@@ -79,6 +84,7 @@ def load_config(path: str):
 
 # ----------------------------------------------------------------- counting
 
+
 def count_macs(closed_jaxpr) -> int:
   """Multiply-adds of every convolution and dot_general in a (nested) jaxpr."""
   import jax
@@ -97,7 +103,7 @@ def count_macs(closed_jaxpr) -> int:
         lhs = eqn.invars[0].aval.shape
         total += int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lc]))
       for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
           if isinstance(sub, jax.extend.core.ClosedJaxpr):
             total += walk(sub.jaxpr)
           elif isinstance(sub, jax.extend.core.Jaxpr):
@@ -116,11 +122,13 @@ def xla_flops(compiled) -> float | None:
 
 def peak_memory():
   import jax
+
   stats = jax.devices()[0].memory_stats()
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
 # --------------------------------------------------------------------- JAX
+
 
 def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
   import jax
@@ -150,14 +158,18 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
         # Depthwise convs run as shifted sums; trace them as convolutions (un-jitted,
         # so no cached trace is reused) to count their multiply-adds.
         with depthwise_as_grouped_conv():
-          out['gmacs'] = count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)) / bs / 1e9
+          out['gmacs'] = (
+            count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)) / bs / 1e9
+          )
         flops = xla_flops(compiled)
         out['gflops_xla'] = flops / bs / 1e9 if flops else None
       timing = measure(lambda: compiled(variables, x).block_until_ready(), args.warmup, args.reps)
       timing.update(compile_s=compile_s, img_per_s=bs / timing['median_s'])
       res['eval'][str(bs)] = timing
-      log(f'jax {dtype_name} eval bs{bs}: {1e3 * timing["median_s"]:.1f} ms/batch '
-          f'({timing["img_per_s"]:.2f} img/s), compile {compile_s:.1f}s')
+      log(
+        f'jax {dtype_name} eval bs{bs}: {1e3 * timing["median_s"]:.1f} ms/batch '
+        f'({timing["img_per_s"]:.2f} img/s), compile {compile_s:.1f}s'
+      )
     res['eval_latency_ms_bs1'] = 1e3 * res['eval']['1']['median_s'] if '1' in res['eval'] else None
     res['eval_img_per_s'] = {k: v['img_per_s'] for k, v in res['eval'].items()}
     if dtype_name == 'float32':
@@ -171,13 +183,19 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
     tx = optim.build_optimizer_from_config(variables['params'], config)
     # Copies: the step donates its state, the eval variables must survive it.
     own = jax.tree_util.tree_map(jnp.copy, variables)
-    state = train.TrainState(step=jnp.zeros([], jnp.int32), params=own['params'],
-                             batch_stats=own['batch_stats'], opt_state=tx.init(own['params']),
-                             rng=jax.random.PRNGKey(1))
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, dtype=model.dtype),
-                   donate_argnums=(0,))
-    batch = {'image': jnp.asarray(data['image'][:bs]), 'label': jnp.asarray(data['label'][:bs]),
-             'valid_hw': jnp.asarray(np.tile(np.asarray(hw, np.int32), (bs, 1)))}
+    state = train.TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=own['params'],
+      batch_stats=own['batch_stats'],
+      opt_state=tx.init(own['params']),
+      rng=jax.random.PRNGKey(1),
+    )
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, dtype=model.dtype), donate_argnums=(0,))
+    batch = {
+      'image': jnp.asarray(data['image'][:bs]),
+      'label': jnp.asarray(data['label'][:bs]),
+      'valid_hw': jnp.asarray(np.tile(np.asarray(hw, np.int32), (bs, 1))),
+    }
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     train_compile = time.perf_counter() - t
@@ -188,10 +206,17 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       metrics['loss'].block_until_ready()
 
     timing = measure(one, args.warmup, args.reps)
-    out.update(train_step_s=timing['median_s'], train_img_per_s=bs / timing['median_s'], train_batch=bs,
-               train_compile_s=train_compile, train=timing)
-    log(f'jax train bs{bs} ({config.precision}): {timing["median_s"]:.3f} s/step ({bs / timing["median_s"]:.2f} '
-        f'img/s), compile {train_compile:.1f}s')
+    out.update(
+      train_step_s=timing['median_s'],
+      train_img_per_s=bs / timing['median_s'],
+      train_batch=bs,
+      train_compile_s=train_compile,
+      train=timing,
+    )
+    log(
+      f'jax train bs{bs} ({config.precision}): {timing["median_s"]:.3f} s/step ({bs / timing["median_s"]:.2f} '
+      f'img/s), compile {train_compile:.1f}s'
+    )
   out['peak_memory_bytes'] = peak_memory()
   out['device'] = str(jax.devices()[0].device_kind)
   if args.profile:
@@ -224,24 +249,28 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
   for e in events:
     if e.get('ph') == 'X' and e.get('name') in origin:
       per_op[e['name']] += e.get('dur', 0) / 1e3 / reps  # ms per forward
+
   def parts(op):
     # 'jit(f)/CGRSegModel/CGRSegModel.decode/.../backbone/network_0/0/mlp/mid/conv_general_dilated'
     # -> ['backbone', 'network_0', '0', 'mlp', 'mid', 'conv_general_dilated']
     return [q for q in origin[op].split('/') if not q.startswith('jit(') and '.' not in q and q != 'CGRSegModel']
+
   by_module, by_layer, kinds = collections.Counter(), collections.Counter(), collections.Counter()
   for op, ms in per_op.items():
     path = parts(op)
     by_module['/'.join(path[:2]) or '(top)'] += ms
     # The layer kind across blocks: the last named scopes, indices dropped.
     named = [q for q in path[2:] if not q.isdigit()]
-    by_layer[f"{path[0] if path else ''}: {'/'.join(named[-3:])}"] += ms
+    by_layer[f'{path[0] if path else ""}: {"/".join(named[-3:])}'] += ms
     kinds[re.sub(r'[.\d]+$', '', op)] += ms
   total = sum(per_op.values())
-  result = dict(total_op_ms=total,
-                by_module={k: round(v, 3) for k, v in by_module.most_common()},
-                by_layer_kind={k: round(v, 3) for k, v in by_layer.most_common(top)},
-                by_op_kind={k: round(v, 3) for k, v in kinds.most_common(top)},
-                top_ops=[dict(op=k, ms=round(v, 3), origin=origin[k]) for k, v in per_op.most_common(top)])
+  result = dict(
+    total_op_ms=total,
+    by_module={k: round(v, 3) for k, v in by_module.most_common()},
+    by_layer_kind={k: round(v, 3) for k, v in by_layer.most_common(top)},
+    by_op_kind={k: round(v, 3) for k, v in kinds.most_common(top)},
+    top_ops=[dict(op=k, ms=round(v, 3), origin=origin[k]) for k, v in per_op.most_common(top)],
+  )
   log(f'jax profile (bs1 float32, {total:.1f} ms of XLA ops per forward):')
   for title, counter in (('stage / head part', by_module), ('layer kind', by_layer)):
     log(f' by {title}:')
@@ -251,6 +280,7 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
 
 
 # ----------------------------------------------------------------- PyTorch
+
 
 def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -> dict:
   import torch
@@ -280,8 +310,10 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
     timing = measure(run, max(args.warmup - 1, 0), args.reps)
     timing.update(first_call_s=first, img_per_s=bs / timing['median_s'])
     out['eval'][str(bs)] = timing
-    log(f'torch{" compiled" if compile_mode else ""} eval bs{bs}: {1e3 * timing["median_s"]:.1f} ms/batch '
-        f'({timing["img_per_s"]:.2f} img/s)')
+    log(
+      f'torch{" compiled" if compile_mode else ""} eval bs{bs}: {1e3 * timing["median_s"]:.1f} ms/batch '
+      f'({timing["img_per_s"]:.2f} img/s)'
+    )
   first_bs = str(args.batch_sizes[0])
   out['compile_s'] = out['eval'][first_bs]['first_call_s'] if compile_mode else 0.0
   out['eval_latency_ms_bs1'] = 1e3 * out['eval']['1']['median_s'] if '1' in out['eval'] else None
@@ -313,10 +345,17 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
     one()
     first = time.perf_counter() - t
     timing = measure(one, max(args.warmup - 1, 0), args.reps)
-    out.update(train_step_s=timing['median_s'], train_img_per_s=bs / timing['median_s'], train_batch=bs,
-               train_first_call_s=first, train=timing)
-    log(f'torch{" compiled" if compile_mode else ""} train bs{bs}: {timing["median_s"]:.3f} s/step '
-        f'({bs / timing["median_s"]:.2f} img/s)')
+    out.update(
+      train_step_s=timing['median_s'],
+      train_img_per_s=bs / timing['median_s'],
+      train_batch=bs,
+      train_first_call_s=first,
+      train=timing,
+    )
+    log(
+      f'torch{" compiled" if compile_mode else ""} train bs{bs}: {timing["median_s"]:.3f} s/step '
+      f'({bs / timing["median_s"]:.2f} img/s)'
+    )
   out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated()) if device == 'cuda' else None
   if args.profile and not compile_mode:
     out['profile'] = profile_torch(tm, data, args.profile_top, device, log)
@@ -325,6 +364,7 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
 
 def profile_torch(tm, data, top: int, device, log) -> list:
   import torch
+
   tm.eval()
   x = torch.from_numpy(data['x'][:1]).permute(0, 3, 1, 2).contiguous().to(device)
   with torch.inference_mode():
@@ -342,13 +382,16 @@ def profile_torch(tm, data, top: int, device, log) -> list:
 
 # ------------------------------------------------------------------- report
 
+
 def ratios(jax_res: dict, torch_res: dict) -> dict:
   def ratio(a, b):
     return a / b if a and b else None
+
   return dict(
-      eval_bs1=ratio(jax_res.get('eval_img_per_s', {}).get('1'), torch_res.get('eval_img_per_s', {}).get('1')),
-      eval_bs8=ratio(jax_res.get('eval_img_per_s', {}).get('8'), torch_res.get('eval_img_per_s', {}).get('8')),
-      train=ratio(jax_res.get('train_img_per_s'), torch_res.get('train_img_per_s')))
+    eval_bs1=ratio(jax_res.get('eval_img_per_s', {}).get('1'), torch_res.get('eval_img_per_s', {}).get('1')),
+    eval_bs8=ratio(jax_res.get('eval_img_per_s', {}).get('8'), torch_res.get('eval_img_per_s', {}).get('8')),
+    train=ratio(jax_res.get('train_img_per_s'), torch_res.get('train_img_per_s')),
+  )
 
 
 def table(result: dict) -> str:
@@ -361,14 +404,18 @@ def table(result: dict) -> str:
   rows = [('eval latency bs1 (ms)', lambda r: r.get('eval_latency_ms_bs1'))]
   for bs in result['batch_sizes']:
     rows.append((f'eval img/s bs{bs}', lambda r, bs=bs: r.get('eval_img_per_s', {}).get(str(bs))))
-  rows += [(f'train step bs{result.get("train_batch")} (s)', lambda r: r.get('train_step_s')),
-           ('train img/s', lambda r: r.get('train_img_per_s')),
-           ('compile / first call (s)', lambda r: r.get('compile_s'))]
+  rows += [
+    (f'train step bs{result.get("train_batch")} (s)', lambda r: r.get('train_step_s')),
+    ('train img/s', lambda r: r.get('train_img_per_s')),
+    ('compile / first call (s)', lambda r: r.get('compile_s')),
+  ]
   width = max(len(r[0]) for r in rows) + 2
-  lines = [f'CGRSeg-{result["variant"].upper()} at {result["input"][0]}x{result["input"][1]}, '
-           f'{result["params"] / 1e6:.2f}M params, {result["gmacs"]:.2f} GMACs (convs+matmuls), '
-           f'XLA {result.get("gflops_xla") or float("nan"):.2f} GFLOPs; {result["host"]}',
-           ''.ljust(width) + ''.join(f'{n:>16}' for n, _ in cols)]
+  lines = [
+    f'CGRSeg-{result["variant"].upper()} at {result["input"][0]}x{result["input"][1]}, '
+    f'{result["params"] / 1e6:.2f}M params, {result["gmacs"]:.2f} GMACs (convs+matmuls), '
+    f'XLA {result.get("gflops_xla") or float("nan"):.2f} GFLOPs; {result["host"]}',
+    ''.ljust(width) + ''.join(f'{n:>16}' for n, _ in cols),
+  ]
   for name, get in rows:
     cells = []
     for _, r in cols:
@@ -376,8 +423,9 @@ def table(result: dict) -> str:
       cells.append(f'{v:16.2f}' if isinstance(v, (int, float)) else f'{"-":>16}')
     lines.append(name.ljust(width) + ''.join(cells))
   if result.get('ratio'):
-    lines.append('JAX / PyTorch eager speed: ' + ', '.join(
-        f'{k} {v:.2f}x' for k, v in result['ratio'].items() if v is not None))
+    lines.append(
+      'JAX / PyTorch eager speed: ' + ', '.join(f'{k} {v:.2f}x' for k, v in result['ratio'].items() if v is not None)
+    )
   return '\n'.join(lines)
 
 
@@ -419,15 +467,26 @@ def main(argv=None) -> int:
   n = max(max(args.batch_sizes), args.train_batch)
   image = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
   mean, std = np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)
-  data = dict(image=image, x=((image[..., ::-1].astype(np.float32) - mean) / std),
-              label=rng.integers(0, num_classes, (n, *hw), dtype=np.uint8))
+  data = dict(
+    image=image,
+    x=((image[..., ::-1].astype(np.float32) - mean) / std),
+    label=rng.integers(0, num_classes, (n, *hw), dtype=np.uint8),
+  )
 
   import jax
-  result: dict = dict(config=args.config, variant=variant, num_classes=num_classes, input=list(hw),
-                      batch_sizes=args.batch_sizes, train_batch=args.train_batch, warmup=args.warmup,
-                      reps=args.reps, host=f'{platform.machine()} {os.cpu_count()} cores, jax '
-                      f'{jax.__version__} on {jax.devices()[0].platform}',
-                      paper=PAPER.get(variant))
+
+  result: dict = dict(
+    config=args.config,
+    variant=variant,
+    num_classes=num_classes,
+    input=list(hw),
+    batch_sizes=args.batch_sizes,
+    train_batch=args.train_batch,
+    warmup=args.warmup,
+    reps=args.reps,
+    host=f'{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}',
+    paper=PAPER.get(variant),
+  )
   result['jax'] = bench_jax(args, variant, num_classes, hw, config, data, log)
   for k in ('params', 'gmacs', 'gflops_xla'):
     result[k] = result['jax'].pop(k, None)

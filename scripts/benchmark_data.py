@@ -23,7 +23,7 @@ import time
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
 from cgrseg_jax.data import pipeline as dp  # noqa: E402
 from cgrseg_jax.data import sources, transforms  # noqa: E402
@@ -31,75 +31,75 @@ from cgrseg_jax.data.synthetic import SyntheticSegmentation  # noqa: E402
 
 
 def measure_pipeline(root: str, workers: int, batch_size: int, seconds: float, warmup_batches: int) -> float:
-    it = dp.make_train_iterator("ade20k", root=root, batch_size=batch_size, seed=0, num_workers=workers)
-    for _ in range(warmup_batches):  # worker start-up and first reads
-        next(it)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        batch = next(it)
-        n += batch["image"].shape[0]
-    rate = n / (time.perf_counter() - start)
-    del it
-    return rate
+  it = dp.make_train_iterator('ade20k', root=root, batch_size=batch_size, seed=0, num_workers=workers)
+  for _ in range(warmup_batches):  # worker start-up and first reads
+    next(it)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    batch = next(it)
+    n += batch['image'].shape[0]
+  rate = n / (time.perf_counter() - start)
+  del it
+  return rate
 
 
 def measure_bare_loop(root: str, seconds: float) -> float:
-    """The same steps in a plain loop: no grain, one process."""
-    src = sources.ade20k_source(root, "train")
-    ops = transforms.train_transforms(reduce_zero_label=True)
-    rng = np.random.default_rng(0)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        el = src[n % len(src)]
-        for op in ops:
-            el = op.random_map(el, rng) if hasattr(op, "random_map") else op.map(el)
-        n += 1
-    return n / (time.perf_counter() - start)
+  """The same steps in a plain loop: no grain, one process."""
+  src = sources.ade20k_source(root, 'train')
+  ops = transforms.train_transforms(reduce_zero_label=True)
+  rng = np.random.default_rng(0)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    el = src[n % len(src)]
+    for op in ops:
+      el = op.random_map(el, rng) if hasattr(op, 'random_map') else op.map(el)
+    n += 1
+  return n / (time.perf_counter() - start)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", help="write the JSON report here as well as to stdout")
-    p.add_argument("--num-images", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seconds", type=float, default=15.0, help="measuring time per configuration")
-    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    args = p.parse_args()
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--output', help='write the JSON report here as well as to stdout')
+  p.add_argument('--num-images', type=int, default=128)
+  p.add_argument('--batch-size', type=int, default=8)
+  p.add_argument('--seconds', type=float, default=15.0, help='measuring time per configuration')
+  p.add_argument('--workers', default='1,2', help='comma-separated worker counts')
+  args = p.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="cgrseg_bench_") as tmp:
-        root = os.path.join(tmp, "ADEChallengeData2016")
-        syn = SyntheticSegmentation(num_samples=args.num_images, num_classes=150, image_size=(512, 683), seed=0)
-        t0 = time.perf_counter()
-        syn.write_ade20k_layout(root, split_dir="training", image_suffix=".jpg", jpeg_quality=90)
-        write_s = time.perf_counter() - t0
+  with tempfile.TemporaryDirectory(prefix='cgrseg_bench_') as tmp:
+    root = os.path.join(tmp, 'ADEChallengeData2016')
+    syn = SyntheticSegmentation(num_samples=args.num_images, num_classes=150, image_size=(512, 683), seed=0)
+    t0 = time.perf_counter()
+    syn.write_ade20k_layout(root, split_dir='training', image_suffix='.jpg', jpeg_quality=90)
+    write_s = time.perf_counter() - t0
 
-        rates = {}
-        for w in [int(x) for x in args.workers.split(",")]:
-            rates[str(w)] = round(measure_pipeline(root, w, args.batch_size, args.seconds, warmup_batches=2 * max(w, 1)), 1)
-            print(f"workers={w}: {rates[str(w)]} img/s", file=sys.stderr)
-        cv2.setNumThreads(1)
-        bare = round(measure_bare_loop(root, args.seconds), 1)
-        print(f"bare loop, 1 process, 1 OpenCV thread: {bare} img/s", file=sys.stderr)
+    rates = {}
+    for w in [int(x) for x in args.workers.split(',')]:
+      rates[str(w)] = round(measure_pipeline(root, w, args.batch_size, args.seconds, warmup_batches=2 * max(w, 1)), 1)
+      print(f'workers={w}: {rates[str(w)]} img/s', file=sys.stderr)
+    cv2.setNumThreads(1)
+    bare = round(measure_bare_loop(root, args.seconds), 1)
+    print(f'bare loop, 1 process, 1 OpenCV thread: {bare} img/s', file=sys.stderr)
 
-    report = {
-        "img_per_s": rates,
-        "bare_single_process_loop_img_per_s": bare,
-        "image_size_hw": [512, 683],
-        "crop_size": [512, 512],
-        "batch_size": args.batch_size,
-        "num_images": args.num_images,
-        "seconds_per_config": args.seconds,
-        "write_dataset_s": round(write_s, 1),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "opencv": cv2.__version__,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+  report = {
+    'img_per_s': rates,
+    'bare_single_process_loop_img_per_s': bare,
+    'image_size_hw': [512, 683],
+    'crop_size': [512, 512],
+    'batch_size': args.batch_size,
+    'num_images': args.num_images,
+    'seconds_per_config': args.seconds,
+    'write_dataset_s': round(write_s, 1),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'opencv': cv2.__version__,
+  }
+  text = json.dumps(report, indent=2)
+  print(text)
+  if args.output:
+    with open(args.output, 'w') as f:
+      f.write(text + '\n')
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == '__main__':
+  main()

@@ -11,6 +11,7 @@
 Training reads an ImageNet .pth directly (`--config.init=eformer_s1_450.pth`), and
 a converted directory with `--config.init=converted/cgrseg_t`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,9 @@ def main(argv=None):
     else:
       if not args.target:
         ap.error('a target directory is needed')
-      variables, report = convert.load_torch_checkpoint(args.source, args.variant, args.num_classes,
-                                                        return_report=True, verbose=True)
+      variables, report = convert.load_torch_checkpoint(
+        args.source, args.variant, args.num_classes, return_report=True, verbose=True
+      )
       convert.save_variables(args.target, variables, report.variant, report.num_classes, source=args.source)
       print(f'wrote {args.target}')
   except (convert.ConversionError, FileNotFoundError) as e:

@@ -22,6 +22,7 @@ orbax-checkpoint older than this project's, so install it without
 dependencies next to onnx and onnxruntime (`pip install --no-deps jax2onnx
 onnx onnx-ir onnxruntime`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def export_onnx(model, variables, height: int, width: int, batch, path: str):
     from jax2onnx import to_onnx
     import onnx
   except ImportError as e:
-    raise RuntimeError(f'ONNX export needs jax2onnx and onnx ({e}); see this script\'s docstring') from None
+    raise RuntimeError(f"ONNX export needs jax2onnx and onnx ({e}); see this script's docstring") from None
   fn = lambda x: model.apply(variables, x, train=False)
   n = 'B' if batch is None else int(batch)
   proto = to_onnx(fn, [(n, height, width, 3)])
@@ -118,14 +119,14 @@ def main(argv=None) -> int:
   if not args.checkpoint or not args.output:
     p.error('--checkpoint and --output are required (or --check=DIR)')
   if args.height % 32 or args.width % 32:
-    p.error(f'--height/--width must be multiples of 32 (the test pipeline pads to 32), got '
-            f'{args.height}x{args.width}')
+    p.error(f'--height/--width must be multiples of 32 (the test pipeline pads to 32), got {args.height}x{args.width}')
   import jax
   import jax.numpy as jnp
   from cgrseg_jax.inference import Segmenter
 
-  seg = Segmenter.from_checkpoint(args.checkpoint, dataset=args.dataset,
-                                  dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32)
+  seg = Segmenter.from_checkpoint(
+    args.checkpoint, dataset=args.dataset, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  )
   batch = None if args.batch == 'dynamic' else int(args.batch)
   platforms = args.platforms.split(',') if args.platforms else None
   os.makedirs(args.output, exist_ok=True)
@@ -134,20 +135,30 @@ def main(argv=None) -> int:
   blob = exported.serialize()
   with open(os.path.join(args.output, EXPORT_FILE), 'wb') as f:
     f.write(blob)
-  print(f'wrote {os.path.join(args.output, EXPORT_FILE)} ({len(blob) / 2**20:.1f} MiB, '
-        f'platforms {exported.platforms}, input {exported.in_avals[0].str_short()}) in '
-        f'{time.perf_counter() - t:.1f}s')
+  print(
+    f'wrote {os.path.join(args.output, EXPORT_FILE)} ({len(blob) / 2**20:.1f} MiB, '
+    f'platforms {exported.platforms}, input {exported.in_avals[0].str_short()}) in '
+    f'{time.perf_counter() - t:.1f}s'
+  )
   meta = dict(
-      checkpoint=os.path.abspath(args.checkpoint), num_classes=seg.num_classes, class_names=list(seg.class_names),
-      input_hw=[args.height, args.width], batch=batch, layout='NHWC', input='RGB float32, (x - mean) / std, '
-      'zero-padded right/bottom to the multiple of 32', mean=[123.675, 116.28, 103.53],
-      std=[58.395, 57.12, 57.375], output='logits float32 (N, H, W, K) at the input size', dtype=args.dtype,
-      platforms=list(exported.platforms), jax_version=jax.__version__)
+    checkpoint=os.path.abspath(args.checkpoint),
+    num_classes=seg.num_classes,
+    class_names=list(seg.class_names),
+    input_hw=[args.height, args.width],
+    batch=batch,
+    layout='NHWC',
+    input='RGB float32, (x - mean) / std, zero-padded right/bottom to the multiple of 32',
+    mean=[123.675, 116.28, 103.53],
+    std=[58.395, 57.12, 57.375],
+    output='logits float32 (N, H, W, K) at the input size',
+    dtype=args.dtype,
+    platforms=list(exported.platforms),
+    jax_version=jax.__version__,
+  )
   onnx_note = None
   if args.onnx:
     try:
-      path = export_onnx(seg.model, seg.variables, args.height, args.width, batch,
-                         os.path.join(args.output, ONNX_FILE))
+      path = export_onnx(seg.model, seg.variables, args.height, args.width, batch, os.path.join(args.output, ONNX_FILE))
       print(f'wrote {path}')
       meta['onnx'] = ONNX_FILE
     except Exception as e:  # jax2onnx coverage is op by op: report, keep the StableHLO export

@@ -10,6 +10,7 @@ a multiple of 32), converted to RGB and normalised with the ImageNet mean/std.
 The PyTorch reference is tests/torch_reference.py (pure PyTorch, upstream key
 layout), so this needs `pip install torch==2.13.0`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ def errors(name, ours, ref):
   if ours.shape != ref.shape:
     return dict(name=name, error=f'shape {ours.shape} != reference {ref.shape}')
   diff = np.abs(ours - ref)
-  return dict(name=name, max_abs=float(diff.max()), max_rel=float(diff.max() / max(np.abs(ref).max(), 1e-12)),
-              mean_abs=float(diff.mean()))
+  return dict(
+    name=name,
+    max_abs=float(diff.max()),
+    max_rel=float(diff.max() / max(np.abs(ref).max(), 1e-12)),
+    mean_abs=float(diff.mean()),
+  )
 
 
 def main(argv=None):
@@ -81,8 +86,7 @@ def main(argv=None):
   from cgrseg_jax import convert, models
   import torch_reference
 
-  variables, report = convert.load_torch_checkpoint(args.checkpoint, args.variant, args.num_classes,
-                                                    return_report=True)
+  variables, report = convert.load_torch_checkpoint(args.checkpoint, args.variant, args.num_classes, return_report=True)
   print(f'{args.checkpoint}: CGRSeg-{report.variant.upper()}, {report.num_classes} classes; {report.summary()}')
   model = models.build_segmentor(report.variant, report.num_classes)
   ref_model = torch_reference.build_torch_segmentor(report.variant, report.num_classes)
@@ -101,7 +105,7 @@ def main(argv=None):
   head = apply(variables, x, train=False, method='decode')
   logits = np.asarray(apply(variables, x, train=False))
 
-  rows = [errors(f'backbone stage {i + 1} (stride {4 * 2 ** i})', f, r) for i, (f, r) in enumerate(zip(feats, ref_feats))]
+  rows = [errors(f'backbone stage {i + 1} (stride {4 * 2**i})', f, r) for i, (f, r) in enumerate(zip(feats, ref_feats))]
   rows.append(errors('head logits (stride 8)', head, ref_head))
   rows.append(errors('logits (input size)', logits, ref_logits))
   agree = float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1)))
@@ -115,8 +119,17 @@ def main(argv=None):
   print(f'{"argmax agreement":34s} {agree:.6f}')
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(dict(checkpoint=args.checkpoint, variant=report.variant, input=list(x.shape[1:3]),
-                     stages=rows, argmax_agreement=agree), f, indent=2)
+      json.dump(
+        dict(
+          checkpoint=args.checkpoint,
+          variant=report.variant,
+          input=list(x.shape[1:3]),
+          stages=rows,
+          argmax_agreement=agree,
+        ),
+        f,
+        indent=2,
+      )
   return 0 if all('error' not in r for r in rows) else 1
 
 

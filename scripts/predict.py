@@ -16,6 +16,7 @@ and `predictions.json` lists, per image, the classes present with their pixel
 share. An image that cannot be read is reported by name and skipped; the exit
 status is 1 if any image failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def collect_inputs(specs, recursive: bool = False) -> tuple[list[str], list[str]
   for spec in specs:
     if os.path.isdir(spec):
       pattern = os.path.join(spec, '**', '*') if recursive else os.path.join(spec, '*')
-      paths = sorted(p for p in glob.glob(pattern, recursive=recursive)
-                     if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+      paths = sorted(
+        p for p in glob.glob(pattern, recursive=recursive) if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
+      )
       if not paths:
         errors.append(f'{spec}: folder has no images ({", ".join(IMAGE_EXTENSIONS)})')
     elif os.path.isfile(spec):
@@ -79,8 +81,7 @@ def classes_present(labels: np.ndarray, names) -> list[dict]:
   counts = np.bincount(labels.ravel(), minlength=len(names))
   order = np.argsort(-counts, kind='stable')
   total = labels.size
-  return [dict(id=int(i), name=names[i], fraction=round(float(counts[i]) / total, 6))
-          for i in order if counts[i] > 0]
+  return [dict(id=int(i), name=names[i], fraction=round(float(counts[i]) / total, 6)) for i in order if counts[i] > 0]
 
 
 def legend_image(present: list[dict], palette: np.ndarray, row: int = 22, width: int = 320) -> np.ndarray:
@@ -88,9 +89,17 @@ def legend_image(present: list[dict], palette: np.ndarray, row: int = 22, width:
   panel = np.full((max(len(present), 1) * row + 8, width, 3), 255, np.uint8)
   for k, c in enumerate(present):
     y = 4 + k * row
-    panel[y + 2:y + row - 2, 6:6 + row] = palette[c['id']]
-    cv2.putText(panel, f"{c['name']} ({100 * c['fraction']:.1f}%)", (row + 14, y + row - 7),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    panel[y + 2 : y + row - 2, 6 : 6 + row] = palette[c['id']]
+    cv2.putText(
+      panel,
+      f'{c["name"]} ({100 * c["fraction"]:.1f}%)',
+      (row + 14, y + row - 7),
+      cv2.FONT_HERSHEY_SIMPLEX,
+      0.45,
+      (0, 0, 0),
+      1,
+      cv2.LINE_AA,
+    )
   return panel
 
 
@@ -124,8 +133,12 @@ def main(argv=None) -> int:
   p.add_argument('--output', required=True, help='folder for the PNGs (created)')
   p.add_argument('--dataset', default='ade20k', help='class names, palette and default test scale')
   p.add_argument('--variant', default=None, help='t | b | l | tiny; checked against the weights')
-  p.add_argument('--img-scale', type=lambda s: _pair(s, '--img-scale'), default=None,
-                 help="keep-ratio test scale 'long,short' (default: the dataset's, e.g. 2048,512)")
+  p.add_argument(
+    '--img-scale',
+    type=lambda s: _pair(s, '--img-scale'),
+    default=None,
+    help="keep-ratio test scale 'long,short' (default: the dataset's, e.g. 2048,512)",
+  )
   p.add_argument('--mode', choices=['whole', 'slide'], default='whole')
   p.add_argument('--crop', type=lambda s: _pair(s, '--crop'), default=(512, 512), help='slide window h,w')
   p.add_argument('--stride', type=lambda s: _pair(s, '--stride'), default=(341, 341), help='slide stride h,w')
@@ -154,8 +167,13 @@ def main(argv=None) -> int:
   seg_kwargs = dict(mode=args.mode, crop_size=args.crop, stride=args.stride, batch_size=args.batch_size)
   if args.img_scale:
     seg_kwargs['img_scale'] = args.img_scale
-  seg = Segmenter.from_checkpoint(args.checkpoint, variant=args.variant, dataset=args.dataset,
-                                  dtype=jnp.bfloat16 if args.bf16 else jnp.float32, **seg_kwargs)
+  seg = Segmenter.from_checkpoint(
+    args.checkpoint,
+    variant=args.variant,
+    dataset=args.dataset,
+    dtype=jnp.bfloat16 if args.bf16 else jnp.float32,
+    **seg_kwargs,
+  )
   tta = None
   if args.tta_scales or args.flip:
     scales = [float(s) for s in args.tta_scales.split(',')] if args.tta_scales else [1.0]
@@ -166,6 +184,7 @@ def main(argv=None) -> int:
   if not args.no_progress:
     try:
       from tqdm import tqdm
+
       bar = tqdm(total=len(paths), unit='img', file=sys.stderr)
     except ImportError:
       pass
@@ -173,7 +192,7 @@ def main(argv=None) -> int:
   summary, n_failed = {}, len(failures)
   t0 = time.perf_counter()
   for start in range(0, len(paths), args.batch_size):
-    chunk = list(zip(paths[start:start + args.batch_size], stems[start:start + args.batch_size]))
+    chunk = list(zip(paths[start : start + args.batch_size], stems[start : start + args.batch_size]))
     images = []
     for path, stem in chunk:
       try:
@@ -204,8 +223,11 @@ def main(argv=None) -> int:
     bar.close()
   with open(os.path.join(args.output, 'predictions.json'), 'w') as f:
     json.dump(dict(checkpoint=args.checkpoint, settings=seg.info(), tta=tta, images=summary), f, indent=2)
-  print(f'{len(summary)} images segmented into {args.output} in {time.perf_counter() - t0:.1f}s'
-        + (f'; {n_failed} failed' if n_failed else ''), file=sys.stderr)
+  print(
+    f'{len(summary)} images segmented into {args.output} in {time.perf_counter() - t0:.1f}s'
+    + (f'; {n_failed} failed' if n_failed else ''),
+    file=sys.stderr,
+  )
   return 1 if n_failed else 0
 
 

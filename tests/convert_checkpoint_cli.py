@@ -1,4 +1,5 @@
 """Imports scripts/convert_checkpoint.py as a module for the tests."""
+
 import importlib.util
 import os
 

@@ -1,4 +1,5 @@
 """Helpers for comparing a Flax module with its PyTorch counterpart in tests."""
+
 from __future__ import annotations
 
 import jax
@@ -41,8 +42,9 @@ def compare_module(torch_mod: torch.nn.Module, flax_mod, x: np.ndarray, train: b
   if train:
     out, updates = flax_mod.apply(variables, x, train=True, mutable=['batch_stats'])
     after = variables_from_torch(torch_mod, flax_mod, x, train=False)['batch_stats']
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                           updates['batch_stats'], after)
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), updates['batch_stats'], after
+    )
   else:
     out = flax_mod.apply(variables, x, train=False)
   assert_close(out, want, rtol=rtol)

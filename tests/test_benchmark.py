@@ -1,6 +1,7 @@
 """scripts/benchmark.py smoke run (tiny model, 64x64, one repetition): the JSON
 carries the documented fields and the multiply-add count matches a count made
 here from the PyTorch reference's modules."""
+
 import json
 import os
 import subprocess
@@ -54,10 +55,27 @@ def _torch_macs(model, x) -> int:
 def test_benchmark_smoke(tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
-      [sys.executable, SCRIPT, '--config=configs/synthetic_t.py', '--variant=tiny', '--num-classes=8',
-       '--size=64,64', '--batch-sizes=1,2', '--train-batch=2', '--dtypes=float32', '--warmup=0', '--reps=1',
-       '--threads=1', '--compare-torch', f'--output={out}'],
-      capture_output=True, text=True, timeout=900, cwd=ROOT)
+    [
+      sys.executable,
+      SCRIPT,
+      '--config=configs/synthetic_t.py',
+      '--variant=tiny',
+      '--num-classes=8',
+      '--size=64,64',
+      '--batch-sizes=1,2',
+      '--train-batch=2',
+      '--dtypes=float32',
+      '--warmup=0',
+      '--reps=1',
+      '--threads=1',
+      '--compare-torch',
+      f'--output={out}',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'JAX / PyTorch eager speed' in proc.stdout
   r = json.load(open(out))

@@ -1,4 +1,5 @@
 """The whole segmentor against the PyTorch reference, for every variant."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,9 +103,15 @@ def test_jit_eval_and_grad_compile_once(variant):
   @jax.jit
   def grad(variables, x, rng):
     def loss(params):
-      logits, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
-                                mutable=['batch_stats'], rngs={'dropout': rng})
+      logits, upd = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': rng},
+      )
       return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), upd
+
     return jax.grad(loss, has_aux=True)(variables['params'])
 
   for i in range(2):  # a second call at the same shapes must not retrace

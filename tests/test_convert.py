@@ -1,4 +1,5 @@
 """Checkpoint conversion: upstream layout in, upstream layout out, clear errors."""
+
 import os
 
 import jax
@@ -19,7 +20,8 @@ def _random_variables(variant, num_classes, seed=0):
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_unflatten(
-      treedef, [np.abs(rng.standard_normal(l.shape)).astype(np.float32) + 0.1 for l in leaves])
+    treedef, [np.abs(rng.standard_normal(l.shape)).astype(np.float32) + 0.1 for l in leaves]
+  )
 
 
 def _torch_state(variant='tiny', num_classes=11, seed=0):
@@ -50,8 +52,11 @@ def test_fixture_round_trip(shared_dir):
   assert (report.variant, report.num_classes) == ('t', 150)
   state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
   assert len(report.used) + len(report.skipped) == len(state) == 952
-  assert set(report.skipped) == {k for k in state if k.endswith(
-      ('num_batches_tracked', 'attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg'))}
+  assert set(report.skipped) == {
+    k
+    for k in state
+    if k.endswith(('num_batches_tracked', 'attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg'))
+  }
   exported = convert.variables_to_state_dict(variables)
   assert exported.keys() == state.keys()
   for k, v in state.items():
@@ -61,6 +66,7 @@ def test_fixture_round_trip(shared_dir):
 
 def test_file_and_orbax_round_trip(tmp_path):
   import convert_checkpoint_cli as cli
+
   state = _torch_state()
   src = tmp_path / 'in.pth'
   torch.save({'meta': {'iter': 1}, 'state_dict': state}, src)
@@ -121,21 +127,36 @@ def test_imagenet_backbone_checkpoint(tmp_path):
   non-strictly: classifier keys and ImageNet biases skipped, seg biases zero."""
   backbone = ref.randomize_(ref.EfficientFormerV2Backbone('S1'), seed=3)
   state = {k: v for k, v in backbone.state_dict().items() if not k.endswith('attention_biases_seg')}
-  state.update({'norm.weight': torch.ones(224), 'norm.bias': torch.zeros(224),
-                'head.weight': torch.zeros(1000, 224), 'head.bias': torch.zeros(1000),
-                'dist_head.weight': torch.zeros(1000, 224), 'dist_head.bias': torch.zeros(1000)})
+  state.update(
+    {
+      'norm.weight': torch.ones(224),
+      'norm.bias': torch.zeros(224),
+      'head.weight': torch.zeros(1000, 224),
+      'head.bias': torch.zeros(1000),
+      'dist_head.weight': torch.zeros(1000, 224),
+      'dist_head.bias': torch.zeros(1000),
+    }
+  )
   path = tmp_path / 'eformer_s1_450.pth'
   torch.save({'model': state}, path)
   variables, report = convert.load_backbone_checkpoint(str(path), return_report=True)
   assert {k for k, why in report.skipped.items() if why == 'ImageNet classifier'} == {
-      'norm.weight', 'norm.bias', 'head.weight', 'head.bias', 'dist_head.weight', 'dist_head.bias'}
+    'norm.weight',
+    'norm.bias',
+    'head.weight',
+    'head.bias',
+    'dist_head.weight',
+    'dist_head.bias',
+  }
   assert sorted(report.missing) == sorted(k for k in backbone.state_dict() if k.endswith('attention_biases_seg'))
   attn = variables['params']['network_4']['7']['token_mixer']
   assert not np.any(attn['attention_biases_seg'])
-  np.testing.assert_array_equal(attn['talking_head1']['kernel'][0, 0],
-                                state['network.4.7.token_mixer.talking_head1.weight'][:, :, 0, 0].numpy().T)
-  np.testing.assert_array_equal(variables['batch_stats']['patch_embed']['1']['var'],
-                                state['patch_embed.1.running_var'].numpy())
+  np.testing.assert_array_equal(
+    attn['talking_head1']['kernel'][0, 0], state['network.4.7.token_mixer.talking_head1.weight'][:, :, 0, 0].numpy().T
+  )
+  np.testing.assert_array_equal(
+    variables['batch_stats']['patch_embed']['1']['var'], state['patch_embed.1.running_var'].numpy()
+  )
   # the result slots into a full segmentor
   full = convert.variable_shapes('t', 150)
   assert jax.tree_util.tree_structure(full['params']['backbone']) == jax.tree_util.tree_structure(variables['params'])
@@ -145,13 +166,17 @@ def test_imagenet_backbone_checkpoint(tmp_path):
 
 def test_torch_key_mapping_examples():
   cases = {
-      ('params', ('backbone', 'network_4', '7', 'token_mixer', 'talking_head1', 'kernel')):
-          'backbone.network.4.7.token_mixer.talking_head1.weight',
-      ('batch_stats', ('backbone', 'patch_embed', '1', 'var')): 'backbone.patch_embed.1.running_var',
-      ('params', ('decode_head', 'SIM_2', 'fuse1', 'bn', 'scale')): 'decode_head.SIM.2.fuse1.bn.weight',
-      ('params', ('decode_head', 'trans', 'transformer_blocks_4', 'gamma')):
-          'decode_head.trans.transformer_blocks.4.gamma',
-      ('params', ('backbone', 'network_6', '0', 'layer_scale_2')): 'backbone.network.6.0.layer_scale_2',
+    (
+      'params',
+      ('backbone', 'network_4', '7', 'token_mixer', 'talking_head1', 'kernel'),
+    ): 'backbone.network.4.7.token_mixer.talking_head1.weight',
+    ('batch_stats', ('backbone', 'patch_embed', '1', 'var')): 'backbone.patch_embed.1.running_var',
+    ('params', ('decode_head', 'SIM_2', 'fuse1', 'bn', 'scale')): 'decode_head.SIM.2.fuse1.bn.weight',
+    (
+      'params',
+      ('decode_head', 'trans', 'transformer_blocks_4', 'gamma'),
+    ): 'decode_head.trans.transformer_blocks.4.gamma',
+    ('params', ('backbone', 'network_6', '0', 'layer_scale_2')): 'backbone.network.6.0.layer_scale_2',
   }
   for (collection, path), key in cases.items():
     assert convert.flax_path_to_torch_key(collection, path) == key

@@ -1,4 +1,5 @@
 """DPG head pieces against the PyTorch reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_dpg_gate(k):
 def test_dpg_gate_starts_at_half():
   """The last conv of the channel MLP starts at zero: the gate is sigmoid(0) = 0.5."""
   import jax
+
   x = np.random.default_rng(1).standard_normal((1, 4, 4, 8)).astype(np.float32)
   protos = np.random.default_rng(2).standard_normal((1, 3, 1, 8)).astype(np.float32)
   mod = dpg_head.DPGHead(8)

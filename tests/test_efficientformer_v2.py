@@ -1,4 +1,5 @@
 """EfficientFormerV2 pieces against the PyTorch reference (tests/torch_reference.py)."""
+
 import itertools
 import math
 
@@ -27,8 +28,9 @@ def _loop_bias_index(res, downsample):
   return np.array(table).reshape(len(queries), len(keys)), len(numbering)
 
 
-@pytest.mark.parametrize('res,downsample', [(1, False), (4, False), (7, False), (16, False),
-                                            (4, True), (7, True), (32, True)])
+@pytest.mark.parametrize(
+  'res,downsample', [(1, False), (4, False), (7, False), (16, False), (4, True), (7, True), (32, True)]
+)
 def test_attention_bias_index(res, downsample):
   idx, n = ef.attention_bias_index(res, downsample)
   want_idx, want_n = _loop_bias_index(res, downsample)

@@ -1,5 +1,6 @@
 """The mmseg metric against a numpy confusion matrix, and the test-time
 crop + resize against torch.nn.functional.interpolate."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,21 +28,22 @@ def test_metric_matches_confusion_matrix():
   rng = np.random.default_rng(0)
   preds, labels = [], []
   for shape in [(2, 17, 23), (3, 9, 31), (1, 40, 5)]:
-    label = rng.integers(0, 5, size=shape)              # classes 5, 6 never labelled
-    label[rng.random(shape) < 0.2] = 255                 # ignore pixels
+    label = rng.integers(0, 5, size=shape)  # classes 5, 6 never labelled
+    label[rng.random(shape) < 0.2] = 255  # ignore pixels
     pred = np.where(rng.random(shape) < 0.6, np.minimum(label, k - 1), rng.integers(0, k, size=shape))
-    pred[pred == 5] = 0                                   # class 5: absent everywhere -> NaN IoU
+    pred[pred == 5] = 0  # class 5: absent everywhere -> NaN IoU
     pred[(label == 255) & (rng.random(shape) < 0.5)] = 6  # predictions on ignored pixels don't count
     preds.append(pred)
     labels.append(label)
-  areas = sum(np.asarray(evaluate.area_counts(jnp.asarray(p), jnp.asarray(l), k), np.int64)
-              for p, l in zip(preds, labels))
+  areas = sum(
+    np.asarray(evaluate.area_counts(jnp.asarray(p), jnp.asarray(l), k), np.int64) for p, l in zip(preds, labels)
+  )
   got = evaluate.metrics_from_areas(areas, [f'c{i}' for i in range(k)])
   ref = numpy_reference(preds, labels, k)
   iou = np.array([got['per_class'][f'c{i}']['IoU'] for i in range(k)])
   acc = np.array([got['per_class'][f'c{i}']['Acc'] for i in range(k)])
   assert np.isnan(iou[5]) and np.isnan(ref['iou'][5])
-  assert iou[6] == 0.0 and np.isnan(acc[6])            # predicted, never labelled
+  assert iou[6] == 0.0 and np.isnan(acc[6])  # predicted, never labelled
   np.testing.assert_allclose(iou, ref['iou'], rtol=1e-12)
   np.testing.assert_allclose(acc, ref['acc'], rtol=1e-12)
   np.testing.assert_allclose(got['mIoU'], ref['miou'], rtol=1e-12)
@@ -58,8 +60,9 @@ def test_crop_and_resize_matches_torch(valid, orig):
   padded = rng.normal(size=(64, 64, 5)).astype(np.float32)
   out_shape = (96, 128)
   got = jax.jit(evaluate.crop_and_resize, static_argnums=3)(
-      jnp.asarray(padded), jnp.asarray(valid, jnp.int32), jnp.asarray(orig, jnp.int32), out_shape)
-  t = torch.from_numpy(padded.transpose(2, 0, 1)[None, :, :valid[0], :valid[1]].copy())
+    jnp.asarray(padded), jnp.asarray(valid, jnp.int32), jnp.asarray(orig, jnp.int32), out_shape
+  )
+  t = torch.from_numpy(padded.transpose(2, 0, 1)[None, :, : valid[0], : valid[1]].copy())
   ref = torch.nn.functional.interpolate(t, size=orig, mode='bilinear', align_corners=False)[0].numpy()
   ref = ref.transpose(1, 2, 0)
-  np.testing.assert_allclose(np.asarray(got)[:orig[0], :orig[1]], ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got)[: orig[0], : orig[1]], ref, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """scripts/export.py: the serialised eval forward, reloaded in a fresh process,
 reproduces the in-process forward to 1e-6 (batch-polymorphic: two batch sizes)."""
+
 import os
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def test_export_matches_torch_reference(exported):
 
 def test_meta_and_errors(exported, tmp_path):
   import json
+
   _, out, _, _ = exported
   meta = json.load(open(os.path.join(out, 'meta.json')))
   assert meta['input_hw'] == list(HW) and meta['batch'] is None and meta['num_classes'] == K
@@ -78,8 +80,7 @@ def test_onnx_export_matches(exported, tmp_path):
   pytest.importorskip('jax2onnx')
   ort = pytest.importorskip('onnxruntime')
   ckpt, _, _, torch_model = exported
-  _run(f'--checkpoint={ckpt}', f'--output={tmp_path}', f'--height={HW[0]}', f'--width={HW[1]}', '--batch=1',
-       '--onnx')
+  _run(f'--checkpoint={ckpt}', f'--output={tmp_path}', f'--height={HW[0]}', f'--width={HW[1]}', '--batch=1', '--onnx')
   sess = ort.InferenceSession(str(tmp_path / 'forward.onnx'))
   x = np.random.default_rng(9).standard_normal((1, *HW, 3)).astype(np.float32)
   got = sess.run(None, {sess.get_inputs()[0].name: x})[0]

@@ -2,6 +2,7 @@
 which is re-implemented here with numpy/cv2/torch (keep-ratio resize, normalise,
 pad to 32, whole / slide inference, crop, resize to the original size,
 softmax, multi-scale + flip averaging)."""
+
 import math
 
 import cv2
@@ -56,6 +57,7 @@ def segmenter(checkpoint):
 
 # ------------------------------------------------------ reference pipeline
 
+
 def _ref_resize(rgb, scale):
   h, w = rgb.shape[:2]
   f = min(max(scale) / max(h, w), min(scale) / min(h, w))
@@ -100,7 +102,7 @@ def _ref_probs(model, rgb, scale, flip=False, slide=None):
     bgr = np.ascontiguousarray(bgr[:, ::-1])
   x = _ref_tensor(bgr)
   logits = model(x) if slide is None else _ref_slide_logits(model, x, *slide)
-  logits = logits[:, :, :bgr.shape[0], :bgr.shape[1]]
+  logits = logits[:, :, : bgr.shape[0], : bgr.shape[1]]
   logits = F.interpolate(logits, size=rgb.shape[:2], mode='bilinear', align_corners=False)
   probs = F.softmax(logits, dim=1)
   return probs.flip(dims=(3,)) if flip else probs
@@ -111,7 +113,7 @@ def _ref_predict(model, rgb, scale=SCALE, ratios=None, flip=False, slide=None):
     return _ref_probs(model, rgb, scale, slide=slide)[0].argmax(0).numpy()
   total = 0
   for r in ratios:
-    for f in ((False, True) if flip else (False,)):
+    for f in (False, True) if flip else (False,):
       total = total + _ref_probs(model, rgb, (int(scale[0] * r), int(scale[1] * r)), flip=f, slide=slide)
   return (total / (len(ratios) * (2 if flip else 1)))[0].argmax(0).numpy()
 
@@ -122,6 +124,7 @@ def _agreement(a, b):
 
 
 # ------------------------------------------------------------------ tests
+
 
 def test_whole_predict_matches_reference_pipeline(segmenter, torch_model):
   total, agree = 0, 0.0
@@ -151,8 +154,15 @@ def test_slide_matches_reference(segmenter, torch_model):
   # the last row and column shifted back inside the image.
   crop, stride = (64, 64), (48, 40)
   img = _image((70, 90), seed=20)
-  seg = Segmenter(segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=SCALE,
-                  mode='slide', crop_size=crop, stride=stride)
+  seg = Segmenter(
+    segmenter.model,
+    segmenter.variables,
+    dataset='cityscapes',
+    img_scale=SCALE,
+    mode='slide',
+    crop_size=crop,
+    stride=stride,
+  )
   got = seg.predict(img)
   assert len({k for k in seg.traces if k[0] == 'slide'}) == 1
   want = _ref_predict(torch_model, img, slide=(crop, stride))
@@ -170,8 +180,9 @@ def test_tta_matches_reference(segmenter, torch_model):
   # TTA with slide windows: both mechanisms at once.
   crop, stride = (64, 64), (48, 48)
   img = _image((60, 100), seed=40)
-  seg = Segmenter(segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=SCALE,
-                  crop_size=crop, stride=stride)
+  seg = Segmenter(
+    segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=SCALE, crop_size=crop, stride=stride
+  )
   got = seg.predict(img, tta=dict(scales=(1.0,), flip=True), mode='slide')
   want = _ref_predict(torch_model, img, ratios=(1.0,), flip=True, slide=(crop, stride))
   assert _agreement(got, want) >= 0.999
@@ -191,8 +202,9 @@ def test_slide_windows_follow_mmseg():
 def test_one_compile_per_bucket(segmenter):
   """50 images of 5 sizes: the model compiles once per input bucket, the
   post-processing once per (bucket, output canvas); repeats compile nothing."""
-  seg = Segmenter(segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=(128, 64),
-                  canvas_multiple=128, batch_size=4)
+  seg = Segmenter(
+    segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=(128, 64), canvas_multiple=128, batch_size=4
+  )
   sizes = [(64, 80), (60, 75), (100, 125), (64, 128), (96, 200)]
   # Expected buckets, computed by hand from mmseg's keep-ratio rule:
   # (64,80) (60,75) (100,125) -> 64x80 -> pad 64x96; (64,128) -> 64x128;
@@ -223,8 +235,9 @@ def test_extra_bucket_padding_merges_shapes(segmenter, torch_model):
   weights one extra 32-column strip on a 96x128 input keeps 90% of the pixels
   (96x224: 87%, 128x128: 75%), which is why the default pads exactly like
   mmseg (100% agreement with the reference)."""
-  seg = Segmenter(segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=SCALE,
-                  buckets=[(96, 160)], bucket_multiple=64)
+  seg = Segmenter(
+    segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=SCALE, buckets=[(96, 160)], bucket_multiple=64
+  )
   assert seg.bucket_for((96, 128)) == (96, 160)
   assert seg.bucket_for((96, 192)) == (128, 192)  # no listed bucket fits: multiple of 64
   img = _image((70, 90), seed=50)  # padded 96x128 -> bucket 96x160
@@ -265,8 +278,9 @@ def test_tta_evaluation_metrics(segmenter):
     label[:5] = 255
     records.append({'image': np.ascontiguousarray(_image(hw, seed=70 + i)[..., ::-1]), 'label': label})
   tta = dict(scales=(0.75, 1.0, 1.5), flip=True)
-  metrics = evaluate_tta.evaluate_segmenter(segmenter, records, num_classes=K, reduce_zero_label=True, tta=tta,
-                                            batch_size=2)
+  metrics = evaluate_tta.evaluate_segmenter(
+    segmenter, records, num_classes=K, reduce_zero_label=True, tta=tta, batch_size=2
+  )
   inter = np.zeros(K)
   union = np.zeros(K)
   correct = labelled = 0
@@ -286,8 +300,9 @@ def test_tta_evaluation_metrics(segmenter):
   assert metrics['mIoU'] == pytest.approx(want_miou)
   assert metrics['eval_images'] == 3
 
-  c = ml_collections.ConfigDict({'eval': {'mode': 'whole', 'crop_size': (512, 512), 'stride': (341, 341),
-                                          'tta': {'scales': (), 'flip': False}}})
+  c = ml_collections.ConfigDict(
+    {'eval': {'mode': 'whole', 'crop_size': (512, 512), 'stride': (341, 341), 'tta': {'scales': (), 'flip': False}}}
+  )
   assert evaluate_tta.eval_options(c) is None
   c.eval.tta.scales = (0.5, 1.0)
   c.eval.tta.flip = True

@@ -1,12 +1,20 @@
 """BatchNorm, drop-path, Dropout2d and GELU against PyTorch semantics."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from cgrseg_jax.models.layers import (BatchNorm, DepthwiseConv, DropPath, conv, depthwise_as_grouped_conv,
-                                      dropout2d, gelu)
+from cgrseg_jax.models.layers import (
+  BatchNorm,
+  DepthwiseConv,
+  DropPath,
+  conv,
+  depthwise_as_grouped_conv,
+  dropout2d,
+  gelu,
+)
 from flax_torch import nchw, nhwc
 
 
@@ -17,9 +25,10 @@ def test_batchnorm_train_and_running_stats_match_torch():
     bn_t.weight.uniform_(0.5, 1.5)
     bn_t.bias.normal_()
   bn = BatchNorm()
-  variables = {'params': {'scale': jnp.asarray(bn_t.weight.detach().numpy()),
-                          'bias': jnp.asarray(bn_t.bias.detach().numpy())},
-               'batch_stats': {'mean': jnp.zeros(6), 'var': jnp.ones(6)}}
+  variables = {
+    'params': {'scale': jnp.asarray(bn_t.weight.detach().numpy()), 'bias': jnp.asarray(bn_t.bias.detach().numpy())},
+    'batch_stats': {'mean': jnp.zeros(6), 'var': jnp.ones(6)},
+  }
   bn_t.train()
   for step in range(3):  # running stats accumulate with momentum 0.1 and unbiased variance
     x = (rng.standard_normal((2, 5, 7, 6)) * 3 + 1).astype(np.float32)
@@ -31,8 +40,12 @@ def test_batchnorm_train_and_running_stats_match_torch():
     np.testing.assert_allclose(variables['batch_stats']['var'], bn_t.running_var.numpy(), rtol=1e-5, atol=1e-6)
   # The unbiased correction matters: n = 70 per channel here.
   x = rng.standard_normal((2, 5, 7, 6)).astype(np.float32)
-  _, upd = bn.apply({'params': variables['params'], 'batch_stats': {'mean': jnp.zeros(6), 'var': jnp.zeros(6)}},
-                    x, train=True, mutable=['batch_stats'])
+  _, upd = bn.apply(
+    {'params': variables['params'], 'batch_stats': {'mean': jnp.zeros(6), 'var': jnp.zeros(6)}},
+    x,
+    train=True,
+    mutable=['batch_stats'],
+  )
   np.testing.assert_allclose(upd['batch_stats']['var'], 0.1 * x.reshape(-1, 6).var(0, ddof=1), rtol=1e-5)
 
   bn_t.eval()
@@ -82,20 +95,32 @@ def test_gelu_is_exact_erf_form():
   assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - ref).max() > 1e-4
 
 
-@pytest.mark.parametrize('kernel,stride,padding,hw', [((3, 3), 1, (1, 1), (9, 7)), ((3, 3), 2, (1, 1), (9, 8)),
-                                                      ((1, 11), 1, (0, 5), (6, 13)), ((11, 1), 1, (5, 0), (13, 6)),
-                                                      ((1, 1), 1, (0, 0), (4, 5))])
+@pytest.mark.parametrize(
+  'kernel,stride,padding,hw',
+  [
+    ((3, 3), 1, (1, 1), (9, 7)),
+    ((3, 3), 2, (1, 1), (9, 8)),
+    ((1, 11), 1, (0, 5), (6, 13)),
+    ((11, 1), 1, (5, 0), (13, 6)),
+    ((1, 1), 1, (0, 0), (4, 5)),
+  ],
+)
 def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, padding, hw):
   c = 6
   conv_t = torch.nn.Conv2d(c, c, kernel, stride=stride, padding=padding, groups=c)
   x = np.random.default_rng(0).standard_normal((2, *hw, c)).astype(np.float32)
   mod = conv(c, kernel, stride=stride, padding=padding, groups=c)
   assert isinstance(mod, DepthwiseConv)
-  variables = {'params': {'kernel': jnp.asarray(conv_t.weight.detach().numpy().transpose(2, 3, 1, 0)),
-                          'bias': jnp.asarray(conv_t.bias.detach().numpy())}}
+  variables = {
+    'params': {
+      'kernel': jnp.asarray(conv_t.weight.detach().numpy().transpose(2, 3, 1, 0)),
+      'bias': jnp.asarray(conv_t.bias.detach().numpy()),
+    }
+  }
   with torch.no_grad():
     want = nhwc(conv_t(nchw(x)))
   np.testing.assert_allclose(mod.apply(variables, x), want, rtol=1e-5, atol=1e-6)
   with depthwise_as_grouped_conv():  # the plain grouped convolution gives the same numbers
-    np.testing.assert_allclose(conv(c, kernel, stride=stride, padding=padding, groups=c).apply(variables, x),
-                               want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      conv(c, kernel, stride=stride, padding=padding, groups=c).apply(variables, x), want, rtol=1e-5, atol=1e-6
+    )

@@ -1,4 +1,5 @@
 """The mmseg 0.27 decode-head loss against PyTorch."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,7 @@
 """Sharded training against a 1-device run of the same global batches:
 8 simulated CPU devices in one process, and two processes on localhost
 (CPU, gloo collectives) each reading its own data shard."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,14 @@ def _run_worker(out, workdir, overrides, env_extra=None, extra_args=()):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR]))
   env.pop('XLA_FLAGS', None)
   env.update(env_extra or {})
-  cmd = [sys.executable, os.path.join(TESTS_DIR, 'train_worker.py'), str(out), str(workdir), json.dumps(overrides),
-         *map(str, extra_args)]
+  cmd = [
+    sys.executable,
+    os.path.join(TESTS_DIR, 'train_worker.py'),
+    str(out),
+    str(workdir),
+    json.dumps(overrides),
+    *map(str, extra_args),
+  ]
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), cmd
 
 
@@ -73,8 +80,10 @@ def test_eight_devices_match_one_device(one_device_run, tmp_path):
 
 def test_two_processes_match_one(one_device_run, tmp_path):
   port = portpicker.pick_unused_port()
-  procs = [_run_worker(tmp_path / 'out.npz', tmp_path / 'work', STABLE_ADAM, extra_args=(f'localhost:{port}', 2, i))
-           for i in range(2)]
+  procs = [
+    _run_worker(tmp_path / 'out.npz', tmp_path / 'work', STABLE_ADAM, extra_args=(f'localhost:{port}', 2, i))
+    for i in range(2)
+  ]
   _wait(procs, timeout=900)
   outs = [dict(np.load(tmp_path / f'out.npz.{i}.npz')) for i in range(2)]
   # Each process consumed its own shard; together, the reference's global batches.

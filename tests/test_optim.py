@@ -1,5 +1,6 @@
 """Optimizer: mmcv custom_keys multipliers, the poly+warmup schedule, and one
 training step against PyTorch (reference model + torch.optim.AdamW)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,8 @@ def mmcv_param_groups(model, base_lr, base_wd, custom_keys):
     group = {'params': [param], 'name': name}
     for key in sorted_keys:
       if key in name:
-        group['lr'] = base_lr * custom_keys[key].get('lr_mult', 1.)
-        group['weight_decay'] = base_wd * custom_keys[key].get('decay_mult', 1.)
+        group['lr'] = base_lr * custom_keys[key].get('lr_mult', 1.0)
+        group['weight_decay'] = base_wd * custom_keys[key].get('decay_mult', 1.0)
         break
     groups.append(group)
   return groups
@@ -44,13 +45,15 @@ def mmcv_lr(base, i, max_iters, warmup_iters, warmup_ratio, power=1.0, min_lr=0.
 def test_multipliers_every_parameter_of_cgrseg_t():
   torch_model = build_torch_segmentor('t', 150)
   base_lr, base_wd = 1.0, 1.0
-  expected = {g['name']: (g.get('lr', base_lr), g.get('weight_decay', base_wd))
-              for g in mmcv_param_groups(torch_model, base_lr, base_wd, CUSTOM_KEYS)}
+  expected = {
+    g['name']: (g.get('lr', base_lr), g.get('weight_decay', base_wd))
+    for g in mmcv_param_groups(torch_model, base_lr, base_wd, CUSTOM_KEYS)
+  }
   params = convert.variable_shapes('t', 150)['params']
   names = jax.tree_util.tree_leaves(optim.param_names(params))
   lr, wd = optim.multipliers(params, CUSTOM_KEYS)
   got = dict(zip(names, zip(jax.tree_util.tree_leaves(lr), jax.tree_util.tree_leaves(wd))))
-  assert set(got) == set(expected), (sorted(set(got) ^ set(expected))[:10])
+  assert set(got) == set(expected), sorted(set(got) ^ set(expected))[:10]
   for name in expected:
     assert got[name] == pytest.approx(expected[name]), name
   # The documented consequences of the rule.
@@ -65,9 +68,9 @@ def test_multipliers_every_parameter_of_cgrseg_t():
 
 def test_rule_order_longest_then_alphabetical():
   keys = {'ab': {'lr_mult': 2.0}, 'b': {'lr_mult': 3.0}, 'a': {'lr_mult': 5.0}, 'abc': {'decay_mult': 0.0}}
-  assert optim.match_custom_key('xabcx', keys) == (1.0, 0.0)   # longest
+  assert optim.match_custom_key('xabcx', keys) == (1.0, 0.0)  # longest
   assert optim.match_custom_key('xab', keys) == (2.0, 1.0)
-  assert optim.match_custom_key('ba', keys) == (5.0, 1.0)      # 'a' < 'b' alphabetically
+  assert optim.match_custom_key('ba', keys) == (5.0, 1.0)  # 'a' < 'b' alphabetically
   assert optim.match_custom_key('zzz', keys) == (1.0, 1.0)
   with pytest.raises(ValueError, match='lr_multt'):
     optim.match_custom_key('ab', {'ab': {'lr_multt': 1.0}})
@@ -116,12 +119,24 @@ def test_one_step_parity_with_torch_adamw():
   # ---- JAX
   model = build_segmentor('tiny', num_classes)
   model = model.clone(decode_head=model.decode_head.clone(dropout_ratio=0.0))
-  tx = optim.build_optimizer(variables['params'], lr=lr, weight_decay=wd, total_steps=total,
-                             warmup_steps=warmup, warmup_ratio=ratio, custom_keys=CUSTOM_KEYS)
+  tx = optim.build_optimizer(
+    variables['params'],
+    lr=lr,
+    weight_decay=wd,
+    total_steps=total,
+    warmup_steps=warmup,
+    warmup_ratio=ratio,
+    custom_keys=CUSTOM_KEYS,
+  )
 
   def loss_fn(params):
-    out, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, jnp.asarray(x),
-                           train=True, method='decode', mutable=['batch_stats'])
+    out, upd = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      jnp.asarray(x),
+      train=True,
+      method='decode',
+      mutable=['batch_stats'],
+    )
     return losses.segmentation_loss(out, jnp.asarray(y)), upd['batch_stats']
 
   (loss, bstats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])

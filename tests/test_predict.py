@@ -1,5 +1,6 @@
 """scripts/predict.py end to end: folder + glob + file inputs, PNG outputs,
 unreadable files named and skipped with a non-zero exit status."""
+
 import json
 import os
 import subprocess
@@ -36,10 +37,24 @@ def test_predict_cli(setup):
   d = setup
   out = d / 'out'
   proc = subprocess.run(
-      [sys.executable, SCRIPT, f'--checkpoint={d}/tiny.pth', f'--output={out}', '--dataset=cityscapes',
-       '--img-scale=128,64', '--opacity=0.25', '--raw', '--no-progress', str(d / 'imgs'), str(d / 'more' / '*.png'),
-       str(d / 'missing.png')],
-      capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      SCRIPT,
+      f'--checkpoint={d}/tiny.pth',
+      f'--output={out}',
+      '--dataset=cityscapes',
+      '--img-scale=128,64',
+      '--opacity=0.25',
+      '--raw',
+      '--no-progress',
+      str(d / 'imgs'),
+      str(d / 'more' / '*.png'),
+      str(d / 'missing.png'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   # Two failures (the corrupt file and the missing one), both named; the rest done.
   assert proc.returncode == 1, proc.stderr
   assert 'broken.png' in proc.stderr and 'missing.png' in proc.stderr
@@ -47,8 +62,16 @@ def test_predict_cli(setup):
   summary = json.load(open(out / 'predictions.json'))['images']
   assert len(summary) == 3
   for stem, hw in [('a', (70, 90)), ('b', (64, 130)), ('c', (90, 64))]:
-    image = cv2.imread(str(next((d / sub / f'{stem}{ext}') for sub in ('imgs', 'more') for ext in ('.png', '.jpg')
-                                if (d / sub / f'{stem}{ext}').exists())))[..., ::-1]
+    image = cv2.imread(
+      str(
+        next(
+          (d / sub / f'{stem}{ext}')
+          for sub in ('imgs', 'more')
+          for ext in ('.png', '.jpg')
+          if (d / sub / f'{stem}{ext}').exists()
+        )
+      )
+    )[..., ::-1]
     labels = cv2.imread(str(out / f'{stem}_labels.png'), cv2.IMREAD_UNCHANGED)
     color = cv2.imread(str(out / f'{stem}_color.png'))[..., ::-1]
     overlay = cv2.imread(str(out / f'{stem}_overlay.png'))[..., ::-1]
@@ -64,6 +87,10 @@ def test_predict_cli(setup):
 
 
 def test_no_inputs_is_an_error(setup, tmp_path):
-  proc = subprocess.run([sys.executable, SCRIPT, f'--checkpoint={setup}/tiny.pth', f'--output={tmp_path}',
-                         str(tmp_path / 'nothing_*.jpg')], capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, f'--checkpoint={setup}/tiny.pth', f'--output={tmp_path}', str(tmp_path / 'nothing_*.jpg')],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 1 and 'nothing_*.jpg' in proc.stderr

@@ -1,4 +1,5 @@
 """RCA and RCM against the PyTorch reference."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +30,7 @@ def test_rca_context_is_row_plus_column_mean():
   """With a pass-through calibration the gate input is mean over W + mean over H."""
   x = np.random.default_rng(2).standard_normal((1, 4, 6, 3)).astype(np.float32)
   ctx = x.mean(axis=2, keepdims=True) + x.mean(axis=1, keepdims=True)
-  torch_ctx = (torch.nn.functional.adaptive_avg_pool2d(nchw(x), (None, 1)) +
-               torch.nn.functional.adaptive_avg_pool2d(nchw(x), (1, None)))
+  torch_ctx = torch.nn.functional.adaptive_avg_pool2d(nchw(x), (None, 1)) + torch.nn.functional.adaptive_avg_pool2d(
+    nchw(x), (1, None)
+  )
   np.testing.assert_allclose(ctx, nhwc(torch_ctx), rtol=1e-6, atol=1e-6)

@@ -1,4 +1,5 @@
 """Resampling against torch.nn.functional (the upstream semantics)."""
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +8,16 @@ import torch.nn.functional as F
 from cgrseg_jax.models import resize
 from flax_torch import nchw, nhwc
 
-SIZES = [((8, 8), (16, 16)), ((16, 16), (8, 8)), ((7, 5), (32, 20)), ((64, 48), (13, 11)),
-         ((15, 20), (30, 40)), ((30, 40), (480, 640)), ((9, 9), (9, 9)), ((1, 3), (4, 7))]
+SIZES = [
+  ((8, 8), (16, 16)),
+  ((16, 16), (8, 8)),
+  ((7, 5), (32, 20)),
+  ((64, 48), (13, 11)),
+  ((15, 20), (30, 40)),
+  ((30, 40), (480, 640)),
+  ((9, 9), (9, 9)),
+  ((1, 3), (4, 7)),
+]
 
 
 @pytest.mark.parametrize('src,dst', SIZES)
@@ -33,16 +42,20 @@ def test_bilinear_does_not_antialias():
   np.testing.assert_allclose(out, [0.0, 0.0])  # src rows 1.5 and 5.5: pixel 0 not touched
 
 
-@pytest.mark.parametrize('src,dst', [((256, 256), (300, 300)), ((256, 1024), (300, 1200)),
-                                     ((16, 16), (16, 16)), ((20, 30), (11, 17)), ((5, 6), (23, 9))])
+@pytest.mark.parametrize(
+  'src,dst',
+  [((256, 256), (300, 300)), ((256, 1024), (300, 1200)), ((16, 16), (16, 16)), ((20, 30), (11, 17)), ((5, 6), (23, 9))],
+)
 def test_bicubic_matches_torch(src, dst):
   x = np.random.default_rng(2).standard_normal((1, 4, *src)).astype(np.float32)
   ref = F.interpolate(torch.from_numpy(x), size=dst, mode='bicubic', align_corners=False).numpy()
   np.testing.assert_allclose(resize.resize_bicubic(x, dst), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('src,dst', [((64, 64), (8, 8)), ((15, 20), (8, 10)), ((30, 40), (8, 10)),
-                                     ((7, 9), (4, 5)), ((5, 5), (5, 5)), ((3, 4), (6, 7))])
+@pytest.mark.parametrize(
+  'src,dst',
+  [((64, 64), (8, 8)), ((15, 20), (8, 10)), ((30, 40), (8, 10)), ((7, 9), (4, 5)), ((5, 5), (5, 5)), ((3, 4), (6, 7))],
+)
 def test_adaptive_avg_pool_matches_torch(src, dst):
   x = np.random.default_rng(3).standard_normal((2, *src, 5)).astype(np.float32)
   ref = nhwc(F.adaptive_avg_pool2d(nchw(x), dst))
@@ -52,5 +65,5 @@ def test_adaptive_avg_pool_matches_torch(src, dst):
 def test_adaptive_pool_bins_formula():
   # Bin i covers [floor(i*in/out), ceil((i+1)*in/out)): 5 -> 3 gives [0,2), [1,4), [3,5).
   m = resize.adaptive_pool_matrix(5, 3)
-  expected = np.array([[.5, .5, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0, .5, .5]], np.float32)
+  expected = np.array([[0.5, 0.5, 0, 0, 0], [0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 0, 0.5, 0.5]], np.float32)
   np.testing.assert_allclose(m, expected, rtol=1e-6)

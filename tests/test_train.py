@@ -1,5 +1,6 @@
 """Training loop: resume after SIGTERM, half-written checkpoints, NaN stop,
 and the ADE20K-layout end-to-end run of main.py (sharding: test_multihost.py)."""
+
 import json
 import os
 import signal
@@ -34,8 +35,9 @@ def _params(result):
 def test_resume_after_sigterm_is_identical_to_a_straight_run(tmp_path):
   config = tiny_config(total_steps=6, eval_every=-1, batch_size=2)
   straight_batches = []
-  straight = train.train_and_evaluate(config, str(tmp_path / 'a'),
-                                      on_step=lambda s, b: straight_batches.append(b['index'].tolist()))
+  straight = train.train_and_evaluate(
+    config, str(tmp_path / 'a'), on_step=lambda s, b: straight_batches.append(b['index'].tolist())
+  )
   assert straight['step'] == 6 and straight['status'] == 'done'
 
   first = []
@@ -79,13 +81,29 @@ def test_ade20k_layout_end_to_end(tmp_path):
   for split, n in (('train', 4), ('val', 2)):
     SyntheticSegmentation(num_samples=n, num_classes=6, image_size=(64, 96), split=split).write_ade20k_layout(str(root))
   work = tmp_path / 'work'
-  flags = [f'--config.data.root={root}', '--config.model.variant=tiny', '--config.batch_size=2',
-           '--config.total_steps=2', '--config.data.crop_size=(64,64)', '--config.data.img_scale=(96,64)',
-           '--config.data.workers=0', '--config.eval_batch_size=2', '--config.log_every=1',
-           '--config.eval_every=0', '--config.checkpoint_every=0', '--config.schedule.warmup_steps=1']
+  flags = [
+    f'--config.data.root={root}',
+    '--config.model.variant=tiny',
+    '--config.batch_size=2',
+    '--config.total_steps=2',
+    '--config.data.crop_size=(64,64)',
+    '--config.data.img_scale=(96,64)',
+    '--config.data.workers=0',
+    '--config.eval_batch_size=2',
+    '--config.log_every=1',
+    '--config.eval_every=0',
+    '--config.checkpoint_every=0',
+    '--config.schedule.warmup_steps=1',
+  ]
   env = dict(os.environ, PYTHONPATH=REPO)
-  run = subprocess.run([sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}', *flags],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  run = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}', *flags],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert run.returncode == 0, run.stderr[-4000:]
   records = [json.loads(l) for l in open(work / 'metrics.jsonl')]
   val = [r for r in records if r['split'] == 'val']
@@ -96,6 +114,12 @@ def test_ade20k_layout_end_to_end(tmp_path):
   assert 'Summary: aAcc' in run.stderr
 
   # A typo in a config override is an error (locked config).
-  bad = subprocess.run([sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}',
-                        '--config.optimizer.lrr=1'], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}', '--config.optimizer.lrr=1'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0 and 'lrr' in bad.stderr

@@ -1,4 +1,5 @@
 """A CPU-test-sized training config (tiny model, 64x64 crops); not a test file."""
+
 import os
 import sys
 

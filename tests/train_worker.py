@@ -5,6 +5,7 @@
 Trains the synthetic tiny config with the overrides, then process 0 writes
 the final params (flattened by upstream name) and the val metrics to OUT_NPZ.
 """
+
 import json
 import os
 import sys
@@ -15,8 +16,9 @@ import jax  # noqa: E402
 
 if len(sys.argv) > 4:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=sys.argv[4], num_processes=int(sys.argv[5]),
-                             process_id=int(sys.argv[6]))
+  jax.distributed.initialize(
+    coordinator_address=sys.argv[4], num_processes=int(sys.argv[5]), process_id=int(sys.argv[6])
+  )
 
 import numpy as np  # noqa: E402
 
@@ -30,8 +32,10 @@ def main():
   seen = []
   result = train.train_and_evaluate(config, workdir, on_step=lambda s, b: seen.append(b['index'].tolist()))
   params = jax.device_get(result['state'].params)
-  flat = {convert.flax_path_to_torch_key('params', tuple(k.key for k in kp)): np.asarray(v)
-          for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    convert.flax_path_to_torch_key('params', tuple(k.key for k in kp)): np.asarray(v)
+    for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   flat['__val__'] = np.array(json.dumps({k: result['val'][k] for k in ('mIoU', 'mAcc', 'aAcc')}))
   flat['__indices__'] = np.array(json.dumps(seen))
   path = out if jax.process_count() == 1 else f'{out}.{jax.process_index()}'

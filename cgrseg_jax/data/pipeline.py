@@ -81,429 +81,442 @@ IGNORE_INDEX = 255
 
 
 class CheckedSource:
-    """Wraps a source; with ``skip_bad_samples`` a ``DataError`` becomes a
-    logged, counted ``None`` (dropped by grain) instead of an exception.
+  """Wraps a source; with ``skip_bad_samples`` a ``DataError`` becomes a
+  logged, counted ``None`` (dropped by grain) instead of an exception.
 
-    ``skipped`` counts in the process that reads (with worker processes each
-    worker has its own count; the log lines name every skipped file).
-    """
+  ``skipped`` counts in the process that reads (with worker processes each
+  worker has its own count; the log lines name every skipped file).
+  """
 
-    def __init__(self, source, skip_bad_samples: bool = False):
-        self.source = source
-        self.skip_bad_samples = skip_bad_samples
-        self.skipped = 0
+  def __init__(self, source, skip_bad_samples: bool = False):
+    self.source = source
+    self.skip_bad_samples = skip_bad_samples
+    self.skipped = 0
 
-    def __len__(self) -> int:
-        return len(self.source)
+  def __len__(self) -> int:
+    return len(self.source)
 
-    def __repr__(self) -> str:
-        return f"CheckedSource({self.source!r}, skip_bad_samples={self.skip_bad_samples})"
+  def __repr__(self) -> str:
+    return f'CheckedSource({self.source!r}, skip_bad_samples={self.skip_bad_samples})'
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        try:
-            return self.source[index]
-        except sources_lib.DataError as e:
-            if not self.skip_bad_samples:
-                raise
-            self.skipped += 1
-            log.warning("skipping bad sample %d (%d skipped so far in this process): %s", index, self.skipped, e)
-            return None
+  def __getitem__(self, index: int) -> dict[str, Any] | None:
+    try:
+      return self.source[index]
+    except sources_lib.DataError as e:
+      if not self.skip_bad_samples:
+        raise
+      self.skipped += 1
+      log.warning('skipping bad sample %d (%d skipped so far in this process): %s', index, self.skipped, e)
+      return None
 
 
 def resolve_source(
-    dataset: str, root: str | None, split: str, source=None, info=None, source_kwargs=None, num_classes=None
+  dataset: str, root: str | None, split: str, source=None, info=None, source_kwargs=None, num_classes=None
 ):
-    """``(source, info)`` from a name, or pass-through of a given source."""
-    if source is None:
-        kwargs = dict(source_kwargs or {})
-        if dataset.lower() == "synthetic" and num_classes is not None:
-            kwargs.setdefault("num_classes", num_classes)
-        source, info = sources_lib.make_source(dataset, root, split, **kwargs)
-    elif info is None:
-        name = dataset.lower()
-        if name not in sources_lib.DATASETS:
-            raise ValueError(f"pass info= (a DatasetInfo) with a source of unknown dataset {dataset!r}")
-        info = sources_lib.DATASETS[name]
-    if num_classes is not None and num_classes != info.num_classes:
-        raise ValueError(f"num_classes={num_classes} but dataset {info.name!r} has {info.num_classes} classes")
-    if len(source) == 0:
-        raise ValueError(f"{source!r} is empty")
-    return source, info
+  """``(source, info)`` from a name, or pass-through of a given source."""
+  if source is None:
+    kwargs = dict(source_kwargs or {})
+    if dataset.lower() == 'synthetic' and num_classes is not None:
+      kwargs.setdefault('num_classes', num_classes)
+    source, info = sources_lib.make_source(dataset, root, split, **kwargs)
+  elif info is None:
+    name = dataset.lower()
+    if name not in sources_lib.DATASETS:
+      raise ValueError(f'pass info= (a DatasetInfo) with a source of unknown dataset {dataset!r}')
+    info = sources_lib.DATASETS[name]
+  if num_classes is not None and num_classes != info.num_classes:
+    raise ValueError(f'num_classes={num_classes} but dataset {info.name!r} has {info.num_classes} classes')
+  if len(source) == 0:
+    raise ValueError(f'{source!r} is empty')
+  return source, info
 
 
 def _op_seed(seed: int, stream: int, op: int) -> int:
-    # A 32-bit seed per (user seed, stream, transform position); negative
-    # user seeds are folded into the unsigned range.
-    entropy = (int(seed) % (1 << 64), int(stream), int(op))
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+  # A 32-bit seed per (user seed, stream, transform position); negative
+  # user seeds are folded into the unsigned range.
+  entropy = (int(seed) % (1 << 64), int(stream), int(op))
+  return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def _process_shard(shard_index, shard_count) -> tuple[int, int]:
-    if shard_index is None:
-        shard_index = jax.process_index()
-    if shard_count is None:
-        shard_count = jax.process_count()
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    return int(shard_index), int(shard_count)
+  if shard_index is None:
+    shard_index = jax.process_index()
+  if shard_count is None:
+    shard_count = jax.process_count()
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index {shard_index} not in [0, {shard_count})')
+  return int(shard_index), int(shard_count)
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
-    # One OpenCV thread per worker process: the workers are the parallelism.
-    del worker_index, worker_count
-    cv2.setNumThreads(1)
+  # One OpenCV thread per worker process: the workers are the parallelism.
+  del worker_index, worker_count
+  cv2.setNumThreads(1)
 
 
 def _prefetch(ds: grain.IterDataset, num_workers: int, buffer: int) -> grain.IterDataset:
-    if num_workers > 0:
-        # grain's worker processes read absl flags; outside an absl app they
-        # are unparsed and reading them raises, so accept the defaults.
-        from absl import flags  # pylint: disable=import-outside-toplevel
+  if num_workers > 0:
+    # grain's worker processes read absl flags; outside an absl app they
+    # are unparsed and reading them raises, so accept the defaults.
+    from absl import flags  # pylint: disable=import-outside-toplevel
 
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-            worker_init_fn=_worker_init,
-        )
-    return ds
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+      worker_init_fn=_worker_init,
+    )
+  return ds
 
 
 @dataclasses.dataclass(frozen=True)
 class _Pick(grain.transforms.Map):
-    keys: tuple[str, ...]
+  keys: tuple[str, ...]
 
-    def map(self, element):
-        out = {k: element[k] for k in self.keys}
-        out["index"] = np.int32(out["index"])
-        return out
+  def map(self, element):
+    out = {k: element[k] for k in self.keys}
+    out['index'] = np.int32(out['index'])
+    return out
 
 
 # ------------------------------------------------------------------ train
 
 
 def make_train_dataset(
-    dataset: str = "synthetic",
-    root: str | None = None,
-    split: str = "train",
-    *,
-    crop_size: Sequence[int] | None = None,
-    img_scale: Sequence[int] | None = None,
-    ratio_range: Sequence[float] = (0.5, 2.0),
-    cat_max_ratio: float = 0.75,
-    batch_size: int = 8,
-    seed: int = 0,
-    num_workers: int = 0,
-    num_classes: int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    flip_prob: float = 0.5,
-    photometric: bool = True,
-    num_epochs: int | None = None,
-    skip_bad_samples: bool = False,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    read_threads: int | None = None,
-    worker_buffer: int = 2,
-    source=None,
-    info: sources_lib.DatasetInfo | None = None,
-    source_kwargs: Mapping[str, Any] | None = None,
+  dataset: str = 'synthetic',
+  root: str | None = None,
+  split: str = 'train',
+  *,
+  crop_size: Sequence[int] | None = None,
+  img_scale: Sequence[int] | None = None,
+  ratio_range: Sequence[float] = (0.5, 2.0),
+  cat_max_ratio: float = 0.75,
+  batch_size: int = 8,
+  seed: int = 0,
+  num_workers: int = 0,
+  num_classes: int | None = None,
+  ignore_index: int = IGNORE_INDEX,
+  flip_prob: float = 0.5,
+  photometric: bool = True,
+  num_epochs: int | None = None,
+  skip_bad_samples: bool = False,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  read_threads: int | None = None,
+  worker_buffer: int = 2,
+  source=None,
+  info: sources_lib.DatasetInfo | None = None,
+  source_kwargs: Mapping[str, Any] | None = None,
 ) -> grain.IterDataset:
-    """The mmseg training pipeline as a grain ``IterDataset`` of batches.
+  """The mmseg training pipeline as a grain ``IterDataset`` of batches.
 
-    Args:
-      dataset, root, split: see ``sources.make_source`` (``source``/``info``
-        may be given instead; ``source_kwargs`` go to the builder).
-      crop_size, img_scale: default to the dataset's mmseg recipe.
-      batch_size: per process.
-      seed: shuffling and augmentation seed.
-      num_workers: grain worker processes (0 = read in this process with
-        ``read_threads`` threads).
-      num_epochs: ``None`` repeats forever.
-      shard_index, shard_count: default to ``jax.process_index()`` and
-        ``jax.process_count()``.
-    """
-    source, info = resolve_source(dataset, root, split, source, info, source_kwargs, num_classes)
-    crop_size = tuple(crop_size or info.crop_size)
-    img_scale = tuple(img_scale or info.img_scale)
-    shard_index, shard_count = _process_shard(shard_index, shard_count)
-    n = len(source)
-    per_shard = n // shard_count
-    if per_shard < batch_size:
-        raise ValueError(
-            f"{n} samples over {shard_count} processes leave {per_shard} per process, "
-            f"fewer than the batch size {batch_size}"
-        )
-    ds = grain.MapDataset.source(CheckedSource(source, skip_bad_samples))
-    ds = ds.shuffle(seed=_op_seed(seed, 0, 0))  # stream 0: same permutation on every process
-    ds = ds[: per_shard * shard_count][shard_index::shard_count]
-    ds = ds.repeat(num_epochs)
-    ops = T.train_transforms(
-        crop_size=crop_size, img_scale=img_scale, ratio_range=tuple(ratio_range),
-        cat_max_ratio=cat_max_ratio, flip_prob=flip_prob, photometric=photometric,
-        reduce_zero_label=info.reduce_zero_label, ignore_index=ignore_index,
+  Args:
+    dataset, root, split: see ``sources.make_source`` (``source``/``info``
+      may be given instead; ``source_kwargs`` go to the builder).
+    crop_size, img_scale: default to the dataset's mmseg recipe.
+    batch_size: per process.
+    seed: shuffling and augmentation seed.
+    num_workers: grain worker processes (0 = read in this process with
+      ``read_threads`` threads).
+    num_epochs: ``None`` repeats forever.
+    shard_index, shard_count: default to ``jax.process_index()`` and
+      ``jax.process_count()``.
+  """
+  source, info = resolve_source(dataset, root, split, source, info, source_kwargs, num_classes)
+  crop_size = tuple(crop_size or info.crop_size)
+  img_scale = tuple(img_scale or info.img_scale)
+  shard_index, shard_count = _process_shard(shard_index, shard_count)
+  n = len(source)
+  per_shard = n // shard_count
+  if per_shard < batch_size:
+    raise ValueError(
+      f'{n} samples over {shard_count} processes leave {per_shard} per process, fewer than the batch size {batch_size}'
     )
-    for k, op in enumerate(ops):
-        if isinstance(op, grain.transforms.RandomMap):
-            ds = ds.random_map(op, seed=_op_seed(seed, shard_index + 1, k + 1))
-        else:
-            ds = ds.map(op)
-    ds = ds.map(_Pick(("image", "label", "valid_hw", "index")))
-    if read_threads is None:
-        read_threads = 1 if num_workers > 0 else 4
-    it = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, read_threads))
-    )
-    it = it.batch(batch_size, drop_remainder=True)
-    return _prefetch(it, num_workers, worker_buffer)
+  ds = grain.MapDataset.source(CheckedSource(source, skip_bad_samples))
+  ds = ds.shuffle(seed=_op_seed(seed, 0, 0))  # stream 0: same permutation on every process
+  ds = ds[: per_shard * shard_count][shard_index::shard_count]
+  ds = ds.repeat(num_epochs)
+  ops = T.train_transforms(
+    crop_size=crop_size,
+    img_scale=img_scale,
+    ratio_range=tuple(ratio_range),
+    cat_max_ratio=cat_max_ratio,
+    flip_prob=flip_prob,
+    photometric=photometric,
+    reduce_zero_label=info.reduce_zero_label,
+    ignore_index=ignore_index,
+  )
+  for k, op in enumerate(ops):
+    if isinstance(op, grain.transforms.RandomMap):
+      ds = ds.random_map(op, seed=_op_seed(seed, shard_index + 1, k + 1))
+    else:
+      ds = ds.map(op)
+  ds = ds.map(_Pick(('image', 'label', 'valid_hw', 'index')))
+  if read_threads is None:
+    read_threads = 1 if num_workers > 0 else 4
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2 * batch_size, read_threads))
+  )
+  it = it.batch(batch_size, drop_remainder=True)
+  return _prefetch(it, num_workers, worker_buffer)
 
 
 def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
-    """``iter(make_train_dataset(...))``: a checkpointable batch iterator."""
-    return iter(make_train_dataset(*args, **kwargs))
+  """``iter(make_train_dataset(...))``: a checkpointable batch iterator."""
+  return iter(make_train_dataset(*args, **kwargs))
 
 
 # ------------------------------------------------------------------- eval
 
 
 def _round_up(hw: Sequence[int], m: int) -> tuple[int, int]:
-    return T.size_to_multiple(hw, m)
+  return T.size_to_multiple(hw, m)
 
 
 def plan_buckets(
-    orig_sizes: Sequence[tuple[int, int]],
-    img_scale: Sequence[int],
-    *,
-    size_divisor: int = 32,
-    max_buckets: int | None = 8,
+  orig_sizes: Sequence[tuple[int, int]],
+  img_scale: Sequence[int],
+  *,
+  size_divisor: int = 32,
+  max_buckets: int | None = 8,
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Per sample ``(image_bucket_hw, label_bucket_hw)``.
+  """Per sample ``(image_bucket_hw, label_bucket_hw)``.
 
-    The image bucket contains the mmseg padded size (resized, rounded up to
-    ``size_divisor``); the label bucket contains the original size. Both are
-    rounded to the same multiple, doubled from ``size_divisor`` until at most
-    ``max_buckets`` distinct pairs remain.
-    """
-    resized = [T.rescale_size(hw, img_scale)[0] for hw in orig_sizes]
-    step = size_divisor
-    while True:
-        keys = [(_round_up(r, step), _round_up(o, step)) for r, o in zip(resized, orig_sizes)]
-        if max_buckets is None or len(set(keys)) <= max_buckets:
-            return keys
-        step *= 2
+  The image bucket contains the mmseg padded size (resized, rounded up to
+  ``size_divisor``); the label bucket contains the original size. Both are
+  rounded to the same multiple, doubled from ``size_divisor`` until at most
+  ``max_buckets`` distinct pairs remain.
+  """
+  resized = [T.rescale_size(hw, img_scale)[0] for hw in orig_sizes]
+  step = size_divisor
+  while True:
+    keys = [(_round_up(r, step), _round_up(o, step)) for r, o in zip(resized, orig_sizes)]
+    if max_buckets is None or len(set(keys)) <= max_buckets:
+      return keys
+    step *= 2
 
 
 def _source_size(source, index: int) -> tuple[int, int]:
-    if hasattr(source, "size"):
-        return tuple(int(v) for v in source.size(index))
-    return tuple(int(v) for v in source[index]["label"].shape[:2])
+  if hasattr(source, 'size'):
+    return tuple(int(v) for v in source.size(index))
+  return tuple(int(v) for v in source[index]['label'].shape[:2])
 
 
 @dataclasses.dataclass(frozen=True)
 class _LoadEvalBatch(grain.transforms.Map):
-    source: Any
-    img_scale: tuple[int, int]
-    reduce_zero_label: bool
-    skip_bad_samples: bool
+  source: Any
+  img_scale: tuple[int, int]
+  reduce_zero_label: bool
+  skip_bad_samples: bool
 
-    def _one(self, index: int, img_bucket, lbl_bucket) -> dict[str, np.ndarray]:
-        empty = {
-            "image": np.zeros((*img_bucket, 3), np.uint8),
-            "valid_hw": np.zeros(2, np.int32),
-            "label": np.full(lbl_bucket, IGNORE_INDEX, np.uint8),
-            "orig_hw": np.zeros(2, np.int32),
-            "index": np.int32(-1),
-        }
-        if index < 0:
-            return empty
-        try:
-            rec = self.source[index]
-            label = rec["label"]
-            if self.reduce_zero_label:
-                label = T.reduce_zero_label(label)
-            el = T.resize_keep_ratio({"image": rec["image"]}, self.img_scale, resize_label=False)
-            h, w = el["image"].shape[:2]
-            oh, ow = label.shape
-            if h > img_bucket[0] or w > img_bucket[1] or oh > lbl_bucket[0] or ow > lbl_bucket[1]:
-                raise sources_lib.DataError(
-                    f"sample {index}", f"size {(oh, ow)} does not match the size planned from its header"
-                )
-        except sources_lib.DataError as e:
-            if not self.skip_bad_samples:
-                raise
-            log.warning("skipping bad eval sample %d: %s", index, e)
-            return empty
-        el = T.pad_to_shape(el, img_bucket, pad_label=False)
-        return {
-            "image": el["image"],
-            "valid_hw": np.array([h, w], np.int32),
-            "label": cv2.copyMakeBorder(label, 0, lbl_bucket[0] - oh, 0, lbl_bucket[1] - ow,
-                                        cv2.BORDER_CONSTANT, value=IGNORE_INDEX),
-            "orig_hw": np.array([oh, ow], np.int32),
-            "index": np.int32(index),
-        }
+  def _one(self, index: int, img_bucket, lbl_bucket) -> dict[str, np.ndarray]:
+    empty = {
+      'image': np.zeros((*img_bucket, 3), np.uint8),
+      'valid_hw': np.zeros(2, np.int32),
+      'label': np.full(lbl_bucket, IGNORE_INDEX, np.uint8),
+      'orig_hw': np.zeros(2, np.int32),
+      'index': np.int32(-1),
+    }
+    if index < 0:
+      return empty
+    try:
+      rec = self.source[index]
+      label = rec['label']
+      if self.reduce_zero_label:
+        label = T.reduce_zero_label(label)
+      el = T.resize_keep_ratio({'image': rec['image']}, self.img_scale, resize_label=False)
+      h, w = el['image'].shape[:2]
+      oh, ow = label.shape
+      if h > img_bucket[0] or w > img_bucket[1] or oh > lbl_bucket[0] or ow > lbl_bucket[1]:
+        raise sources_lib.DataError(
+          f'sample {index}', f'size {(oh, ow)} does not match the size planned from its header'
+        )
+    except sources_lib.DataError as e:
+      if not self.skip_bad_samples:
+        raise
+      log.warning('skipping bad eval sample %d: %s', index, e)
+      return empty
+    el = T.pad_to_shape(el, img_bucket, pad_label=False)
+    return {
+      'image': el['image'],
+      'valid_hw': np.array([h, w], np.int32),
+      'label': cv2.copyMakeBorder(
+        label, 0, lbl_bucket[0] - oh, 0, lbl_bucket[1] - ow, cv2.BORDER_CONSTANT, value=IGNORE_INDEX
+      ),
+      'orig_hw': np.array([oh, ow], np.int32),
+      'index': np.int32(index),
+    }
 
-    def map(self, plan):
-        img_bucket, lbl_bucket, indices = plan
-        items = [self._one(int(i), img_bucket, lbl_bucket) for i in indices]
-        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+  def map(self, plan):
+    img_bucket, lbl_bucket, indices = plan
+    items = [self._one(int(i), img_bucket, lbl_bucket) for i in indices]
+    return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
 @dataclasses.dataclass
 class EvalData:
-    """A finite, re-iterable eval loader for this process.
+  """A finite, re-iterable eval loader for this process.
 
-    ``dataset`` yields the batches; ``num_batches`` is the same on every
-    process (they step in lockstep for global batches); ``shapes`` lists the
-    (image, label) bucket shapes that occur.
-    """
+  ``dataset`` yields the batches; ``num_batches`` is the same on every
+  process (they step in lockstep for global batches); ``shapes`` lists the
+  (image, label) bucket shapes that occur.
+  """
 
-    dataset: grain.IterDataset
-    num_batches: int
-    shapes: list[tuple[tuple[int, int], tuple[int, int]]]
-    info: sources_lib.DatasetInfo
-    num_samples: int
+  dataset: grain.IterDataset
+  num_batches: int
+  shapes: list[tuple[tuple[int, int], tuple[int, int]]]
+  info: sources_lib.DatasetInfo
+  num_samples: int
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.dataset)
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.dataset)
 
-    def __len__(self) -> int:
-        return self.num_batches
+  def __len__(self) -> int:
+    return self.num_batches
 
 
 def make_eval_dataset(
-    dataset: str = "synthetic",
-    root: str | None = None,
-    split: str = "val",
-    *,
-    img_scale: Sequence[int] | None = None,
-    batch_size: int = 1,
-    size_divisor: int = 32,
-    max_buckets: int | None = 8,
-    num_workers: int = 0,
-    num_classes: int | None = None,
-    skip_bad_samples: bool = False,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    read_threads: int | None = None,
-    source=None,
-    info: sources_lib.DatasetInfo | None = None,
-    source_kwargs: Mapping[str, Any] | None = None,
+  dataset: str = 'synthetic',
+  root: str | None = None,
+  split: str = 'val',
+  *,
+  img_scale: Sequence[int] | None = None,
+  batch_size: int = 1,
+  size_divisor: int = 32,
+  max_buckets: int | None = 8,
+  num_workers: int = 0,
+  num_classes: int | None = None,
+  skip_bad_samples: bool = False,
+  shard_index: int | None = None,
+  shard_count: int | None = None,
+  read_threads: int | None = None,
+  source=None,
+  info: sources_lib.DatasetInfo | None = None,
+  source_kwargs: Mapping[str, Any] | None = None,
 ) -> EvalData:
-    """mmseg test pipeline (keep-ratio Resize, pad) with shape buckets.
+  """mmseg test pipeline (keep-ratio Resize, pad) with shape buckets.
 
-    Every sample appears exactly once over all processes; batches are grouped
-    by bucket, and the last batch of a bucket is completed with filler
-    entries (``index == -1``).
-    """
-    source, info = resolve_source(dataset, root, split, source, info, source_kwargs, num_classes)
-    img_scale = tuple(img_scale or info.img_scale)
-    shard_index, shard_count = _process_shard(shard_index, shard_count)
-    sizes = [_source_size(source, i) for i in range(len(source))]
-    keys = plan_buckets(sizes, img_scale, size_divisor=size_divisor, max_buckets=max_buckets)
-    groups: dict[Any, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(key, []).append(i)
-    global_batch = batch_size * shard_count
-    plans = []
-    for key in sorted(groups):
-        members = groups[key]
-        for start in range(0, len(members), global_batch):
-            chunk = members[start : start + global_batch]
-            chunk = chunk + [-1] * (global_batch - len(chunk))
-            mine = chunk[shard_index * batch_size : (shard_index + 1) * batch_size]
-            plans.append((key[0], key[1], tuple(mine)))
-    loader = _LoadEvalBatch(source, img_scale, info.reduce_zero_label, skip_bad_samples)
-    ds = grain.MapDataset.source(plans).map(loader)
-    if read_threads is None:
-        read_threads = 1 if num_workers > 0 else 4
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
-    it = _prefetch(it, num_workers, 2)
-    return EvalData(it, len(plans), sorted(groups), info, len(source))
+  Every sample appears exactly once over all processes; batches are grouped
+  by bucket, and the last batch of a bucket is completed with filler
+  entries (``index == -1``).
+  """
+  source, info = resolve_source(dataset, root, split, source, info, source_kwargs, num_classes)
+  img_scale = tuple(img_scale or info.img_scale)
+  shard_index, shard_count = _process_shard(shard_index, shard_count)
+  sizes = [_source_size(source, i) for i in range(len(source))]
+  keys = plan_buckets(sizes, img_scale, size_divisor=size_divisor, max_buckets=max_buckets)
+  groups: dict[Any, list[int]] = {}
+  for i, key in enumerate(keys):
+    groups.setdefault(key, []).append(i)
+  global_batch = batch_size * shard_count
+  plans = []
+  for key in sorted(groups):
+    members = groups[key]
+    for start in range(0, len(members), global_batch):
+      chunk = members[start : start + global_batch]
+      chunk = chunk + [-1] * (global_batch - len(chunk))
+      mine = chunk[shard_index * batch_size : (shard_index + 1) * batch_size]
+      plans.append((key[0], key[1], tuple(mine)))
+  loader = _LoadEvalBatch(source, img_scale, info.reduce_zero_label, skip_bad_samples)
+  ds = grain.MapDataset.source(plans).map(loader)
+  if read_threads is None:
+    read_threads = 1 if num_workers > 0 else 4
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
+  it = _prefetch(it, num_workers, 2)
+  return EvalData(it, len(plans), sorted(groups), info, len(source))
 
 
 # --------------------------------------------------- device-side helpers
 
 
 def make_global_batch(
-    local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, axis: str = "data"
+  local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, axis: str = 'data'
 ) -> dict[str, jax.Array]:
-    """Assemble process-local numpy arrays into global ``jax.Array``s whose
-    leading (batch) dimension is sharded over the mesh axis ``axis``."""
-    if axis not in mesh.shape:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no {axis!r} axis to shard the batch over")
-    n_proc = jax.process_count()
-    n_dev = mesh.shape[axis]
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-    out = {}
-    for key, value in local_batch.items():
-        value = np.asarray(value)
-        if value.ndim == 0:
-            raise ValueError(f"batch entry {key!r} is a scalar; every entry needs a leading batch dimension")
-        global_shape = (value.shape[0] * n_proc,) + value.shape[1:]
-        if global_shape[0] % n_dev:
-            raise ValueError(
-                f"global batch size {global_shape[0]} (batch entry {key!r}: {value.shape[0]} per process x "
-                f"{n_proc} processes) does not divide over the {n_dev} devices of mesh axis {axis!r}; "
-                f"use a per-process batch size that makes it a multiple of {n_dev}"
-            )
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+  """Assemble process-local numpy arrays into global ``jax.Array``s whose
+  leading (batch) dimension is sharded over the mesh axis ``axis``."""
+  if axis not in mesh.shape:
+    raise ValueError(f'mesh has axes {tuple(mesh.shape)}, no {axis!r} axis to shard the batch over')
+  n_proc = jax.process_count()
+  n_dev = mesh.shape[axis]
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    if value.ndim == 0:
+      raise ValueError(f'batch entry {key!r} is a scalar; every entry needs a leading batch dimension')
+    global_shape = (value.shape[0] * n_proc,) + value.shape[1:]
+    if global_shape[0] % n_dev:
+      raise ValueError(
+        f'global batch size {global_shape[0]} (batch entry {key!r}: {value.shape[0]} per process x '
+        f'{n_proc} processes) does not divide over the {n_dev} devices of mesh axis {axis!r}; '
+        f'use a per-process batch size that makes it a multiple of {n_dev}'
+      )
+    out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+  return out
 
 
 def normalize_image(
-    image: jax.Array,
-    valid_hw: jax.Array | None = None,
-    *,
-    mean: Sequence[float] = T.MEAN_RGB,
-    std: Sequence[float] = T.STD_RGB,
-    bgr_to_rgb: bool = True,
-    dtype=jnp.float32,
+  image: jax.Array,
+  valid_hw: jax.Array | None = None,
+  *,
+  mean: Sequence[float] = T.MEAN_RGB,
+  std: Sequence[float] = T.STD_RGB,
+  bgr_to_rgb: bool = True,
+  dtype=jnp.float32,
 ) -> jax.Array:
-    """uint8 ``(B, H, W, 3)`` -> normalised RGB, mmcv ``imnormalize``
-    arithmetic (float32 ``(x - mean) * (1 / std)``; ``mean``/``std`` are RGB).
+  """uint8 ``(B, H, W, 3)`` -> normalised RGB, mmcv ``imnormalize``
+  arithmetic (float32 ``(x - mean) * (1 / std)``; ``mean``/``std`` are RGB).
 
-    With ``valid_hw`` ``(B, 2)``, pixels at rows >= h or columns >= w (the
-    right/bottom padding) are exactly 0, as in mmseg where padding follows
-    normalisation. Pass ``bgr_to_rgb=False`` for RGB input.
-    """
-    x = image.astype(jnp.float32)
-    if bgr_to_rgb:
-        x = x[..., ::-1]
-    mean32 = jnp.asarray(np.asarray(mean, np.float32))
-    stdinv32 = jnp.asarray((1.0 / np.asarray(std, np.float64)).astype(np.float32))
-    x = (x - mean32) * stdinv32
-    if valid_hw is not None:
-        h, w = x.shape[-3], x.shape[-2]
-        vh = valid_hw[..., 0][..., None, None]
-        vw = valid_hw[..., 1][..., None, None]
-        inside = (jnp.arange(h)[:, None] < vh) & (jnp.arange(w)[None, :] < vw)
-        x = jnp.where(inside[..., None], x, 0.0)
-    return x.astype(dtype)
+  With ``valid_hw`` ``(B, 2)``, pixels at rows >= h or columns >= w (the
+  right/bottom padding) are exactly 0, as in mmseg where padding follows
+  normalisation. Pass ``bgr_to_rgb=False`` for RGB input.
+  """
+  x = image.astype(jnp.float32)
+  if bgr_to_rgb:
+    x = x[..., ::-1]
+  mean32 = jnp.asarray(np.asarray(mean, np.float32))
+  stdinv32 = jnp.asarray((1.0 / np.asarray(std, np.float64)).astype(np.float32))
+  x = (x - mean32) * stdinv32
+  if valid_hw is not None:
+    h, w = x.shape[-3], x.shape[-2]
+    vh = valid_hw[..., 0][..., None, None]
+    vw = valid_hw[..., 1][..., None, None]
+    inside = (jnp.arange(h)[:, None] < vh) & (jnp.arange(w)[None, :] < vw)
+    x = jnp.where(inside[..., None], x, 0.0)
+  return x.astype(dtype)
 
 
 # ----------------------------------------------------------- checkpoints
 
 
 def iterator_save_args(iterator: grain.DatasetIterator):
-    """orbax args that save the grain iterator state (one JSON file per
-    process) inside a ``ocp.args.Composite`` next to the model state."""
-    return grain.checkpoint.CheckpointSave(iterator)
+  """orbax args that save the grain iterator state (one JSON file per
+  process) inside a ``ocp.args.Composite`` next to the model state."""
+  return grain.checkpoint.CheckpointSave(iterator)
 
 
 def iterator_restore_args(iterator: grain.DatasetIterator):
-    """orbax args that restore the state into ``iterator`` (a fresh iterator
-    of the same pipeline) in place."""
-    return grain.checkpoint.CheckpointRestore(iterator)
+  """orbax args that restore the state into ``iterator`` (a fresh iterator
+  of the same pipeline) in place."""
+  return grain.checkpoint.CheckpointRestore(iterator)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, process_count: int | None = None) -> int:
-    """Train steps that cover one epoch (each process drops the same tail)."""
-    n_proc = jax.process_count() if process_count is None else process_count
-    return (num_samples // n_proc) // batch_size if batch_size > 0 else 0
+  """Train steps that cover one epoch (each process drops the same tail)."""
+  n_proc = jax.process_count() if process_count is None else process_count
+  return (num_samples // n_proc) // batch_size if batch_size > 0 else 0
 
 
 __all__ = [
-    "CheckedSource", "EvalData", "make_train_dataset", "make_train_iterator", "make_eval_dataset",
-    "make_global_batch", "normalize_image", "iterator_save_args", "iterator_restore_args",
-    "plan_buckets", "steps_per_epoch",
+  'CheckedSource',
+  'EvalData',
+  'make_train_dataset',
+  'make_train_iterator',
+  'make_eval_dataset',
+  'make_global_batch',
+  'normalize_image',
+  'iterator_save_args',
+  'iterator_restore_args',
+  'plan_buckets',
+  'steps_per_epoch',
 ]

@@ -48,296 +48,289 @@ Element = dict[str, Any]
 # ---------------------------------------------------------------- geometry
 
 
-def rescale_size(
-    hw: Sequence[int], scale: Sequence[int]
-) -> tuple[tuple[int, int], float]:
-    """Keep-ratio target size of mmcv ``rescale_size``.
+def rescale_size(hw: Sequence[int], scale: Sequence[int]) -> tuple[tuple[int, int], float]:
+  """Keep-ratio target size of mmcv ``rescale_size``.
 
-    Args:
-      hw: the current ``(height, width)``.
-      scale: ``(a, b)``; the long edge is bounded by ``max(a, b)`` and the
-        short edge by ``min(a, b)``.
+  Args:
+    hw: the current ``(height, width)``.
+    scale: ``(a, b)``; the long edge is bounded by ``max(a, b)`` and the
+      short edge by ``min(a, b)``.
 
-    Returns:
-      ``((new_h, new_w), factor)``.
-    """
-    h, w = int(hw[0]), int(hw[1])
-    long_edge, short_edge = max(scale), min(scale)
-    factor = min(long_edge / max(h, w), short_edge / min(h, w))
-    return (int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)), factor
+  Returns:
+    ``((new_h, new_w), factor)``.
+  """
+  h, w = int(hw[0]), int(hw[1])
+  long_edge, short_edge = max(scale), min(scale)
+  factor = min(long_edge / max(h, w), short_edge / min(h, w))
+  return (int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)), factor
 
 
-def resize_keep_ratio(
-    element: Element, scale: Sequence[int], *, resize_label: bool = True
-) -> Element:
-    """Resize ``image`` (bilinear) and ``label`` (nearest) like mmseg Resize."""
-    image = element["image"]
-    (new_h, new_w), _ = rescale_size(image.shape[:2], scale)
-    out = dict(element)
-    out["image"] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    if resize_label and "label" in element:
-        out["label"] = cv2.resize(
-            element["label"], (new_w, new_h), interpolation=cv2.INTER_NEAREST
-        )
-    return out
+def resize_keep_ratio(element: Element, scale: Sequence[int], *, resize_label: bool = True) -> Element:
+  """Resize ``image`` (bilinear) and ``label`` (nearest) like mmseg Resize."""
+  image = element['image']
+  (new_h, new_w), _ = rescale_size(image.shape[:2], scale)
+  out = dict(element)
+  out['image'] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+  if resize_label and 'label' in element:
+    out['label'] = cv2.resize(element['label'], (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+  return out
 
 
 def sample_ratio_scale(
-    rng: np.random.Generator, img_scale: Sequence[int], ratio_range: Sequence[float]
+  rng: np.random.Generator, img_scale: Sequence[int], ratio_range: Sequence[float]
 ) -> tuple[int, int]:
-    """mmseg ``Resize.random_sample_ratio``: one uniform ratio for both edges."""
-    lo, hi = ratio_range
-    if lo > hi:
-        raise ValueError(f"ratio_range must be (min, max), got {ratio_range}")
-    ratio = rng.random() * (hi - lo) + lo
-    return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
+  """mmseg ``Resize.random_sample_ratio``: one uniform ratio for both edges."""
+  lo, hi = ratio_range
+  if lo > hi:
+    raise ValueError(f'ratio_range must be (min, max), got {ratio_range}')
+  ratio = rng.random() * (hi - lo) + lo
+  return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReduceZeroLabel(grain.transforms.Map):
-    """0 (``other``) -> 255, every other id -> id - 1; 255 stays 255."""
+  """0 (``other``) -> 255, every other id -> id - 1; 255 stays 255."""
 
-    def map(self, element: Element) -> Element:
-        out = dict(element)
-        out["label"] = reduce_zero_label(element["label"])
-        return out
+  def map(self, element: Element) -> Element:
+    out = dict(element)
+    out['label'] = reduce_zero_label(element['label'])
+    return out
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    # uint8 arithmetic wraps 0 -> 255, and the original 255 -> 254 -> 255.
-    lut = (np.arange(256) - 1).astype(np.uint8)
-    lut[0] = IGNORE_INDEX
-    lut[255] = IGNORE_INDEX
-    return lut[label]
+  # uint8 arithmetic wraps 0 -> 255, and the original 255 -> 254 -> 255.
+  lut = (np.arange(256) - 1).astype(np.uint8)
+  lut[0] = IGNORE_INDEX
+  lut[255] = IGNORE_INDEX
+  return lut[label]
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomResize(grain.transforms.RandomMap):
-    """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)`` for training."""
+  """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)`` for training."""
 
-    img_scale: tuple[int, int] = (2048, 512)
-    ratio_range: tuple[float, float] = (0.5, 2.0)
+  img_scale: tuple[int, int] = (2048, 512)
+  ratio_range: tuple[float, float] = (0.5, 2.0)
 
-    def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        scale = sample_ratio_scale(rng, self.img_scale, self.ratio_range)
-        return resize_keep_ratio(element, scale)
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    scale = sample_ratio_scale(rng, self.img_scale, self.ratio_range)
+    return resize_keep_ratio(element, scale)
 
 
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
-    """Test-time keep-ratio resize of the image only (the metric uses the
-    original-size label)."""
+  """Test-time keep-ratio resize of the image only (the metric uses the
+  original-size label)."""
 
-    img_scale: tuple[int, int] = (2048, 512)
+  img_scale: tuple[int, int] = (2048, 512)
 
-    def map(self, element: Element) -> Element:
-        return resize_keep_ratio(element, self.img_scale, resize_label=False)
-
-
-def crop_bbox(
-    rng: np.random.Generator, hw: Sequence[int], crop_size: Sequence[int]
-) -> tuple[int, int, int, int]:
-    """mmseg ``RandomCrop.get_crop_bbox``: offsets uniform in [0, margin]."""
-    margin_h = max(int(hw[0]) - crop_size[0], 0)
-    margin_w = max(int(hw[1]) - crop_size[1], 0)
-    off_h = int(rng.integers(0, margin_h + 1))
-    off_w = int(rng.integers(0, margin_w + 1))
-    return off_h, off_h + crop_size[0], off_w, off_w + crop_size[1]
+  def map(self, element: Element) -> Element:
+    return resize_keep_ratio(element, self.img_scale, resize_label=False)
 
 
-def crop_is_balanced(
-    label: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX
-) -> bool:
-    """More than one non-ignored class and none covering >= cat_max_ratio."""
-    counts = np.bincount(label.ravel(), minlength=256)
-    counts[ignore_index] = 0
-    counts = counts[counts > 0]
-    return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+def crop_bbox(rng: np.random.Generator, hw: Sequence[int], crop_size: Sequence[int]) -> tuple[int, int, int, int]:
+  """mmseg ``RandomCrop.get_crop_bbox``: offsets uniform in [0, margin]."""
+  margin_h = max(int(hw[0]) - crop_size[0], 0)
+  margin_w = max(int(hw[1]) - crop_size[1], 0)
+  off_h = int(rng.integers(0, margin_h + 1))
+  off_w = int(rng.integers(0, margin_w + 1))
+  return off_h, off_h + crop_size[0], off_w, off_w + crop_size[1]
+
+
+def crop_is_balanced(label: np.ndarray, cat_max_ratio: float, ignore_index: int = IGNORE_INDEX) -> bool:
+  """More than one non-ignored class and none covering >= cat_max_ratio."""
+  counts = np.bincount(label.ravel(), minlength=256)
+  counts[ignore_index] = 0
+  counts = counts[counts > 0]
+  return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomCrop(grain.transforms.RandomMap):
-    """mmseg ``RandomCrop(crop_size, cat_max_ratio, ignore_index)``.
+  """mmseg ``RandomCrop(crop_size, cat_max_ratio, ignore_index)``.
 
-    With ``cat_max_ratio < 1`` a crop is tried up to 10 times; like upstream,
-    a fresh box is drawn after every rejected try, so when all 10 are
-    rejected the 11th box is used unchecked.
-    """
+  With ``cat_max_ratio < 1`` a crop is tried up to 10 times; like upstream,
+  a fresh box is drawn after every rejected try, so when all 10 are
+  rejected the 11th box is used unchecked.
+  """
 
-    crop_size: tuple[int, int] = (512, 512)
-    cat_max_ratio: float = 0.75
-    ignore_index: int = IGNORE_INDEX
+  crop_size: tuple[int, int] = (512, 512)
+  cat_max_ratio: float = 0.75
+  ignore_index: int = IGNORE_INDEX
 
-    def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        image, label = element["image"], element["label"]
-        box = crop_bbox(rng, image.shape[:2], self.crop_size)
-        if self.cat_max_ratio < 1.0:
-            for _ in range(10):
-                y1, y2, x1, x2 = box
-                if crop_is_balanced(label[y1:y2, x1:x2], self.cat_max_ratio, self.ignore_index):
-                    break
-                box = crop_bbox(rng, image.shape[:2], self.crop_size)
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    image, label = element['image'], element['label']
+    box = crop_bbox(rng, image.shape[:2], self.crop_size)
+    if self.cat_max_ratio < 1.0:
+      for _ in range(10):
         y1, y2, x1, x2 = box
-        out = dict(element)
-        out["image"] = np.ascontiguousarray(image[y1:y2, x1:x2])
-        out["label"] = np.ascontiguousarray(label[y1:y2, x1:x2])
-        return out
+        if crop_is_balanced(label[y1:y2, x1:x2], self.cat_max_ratio, self.ignore_index):
+          break
+        box = crop_bbox(rng, image.shape[:2], self.crop_size)
+    y1, y2, x1, x2 = box
+    out = dict(element)
+    out['image'] = np.ascontiguousarray(image[y1:y2, x1:x2])
+    out['label'] = np.ascontiguousarray(label[y1:y2, x1:x2])
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class RandomFlip(grain.transforms.RandomMap):
-    """Horizontal flip of image and label with probability ``prob``."""
+  """Horizontal flip of image and label with probability ``prob``."""
 
-    prob: float = 0.5
+  prob: float = 0.5
 
-    def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        if not rng.random() < self.prob:
-            return element
-        out = dict(element)
-        out["image"] = cv2.flip(element["image"], 1)
-        out["label"] = cv2.flip(element["label"], 1)
-        return out
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    if not rng.random() < self.prob:
+      return element
+    out = dict(element)
+    out['image'] = cv2.flip(element['image'], 1)
+    out['label'] = cv2.flip(element['label'], 1)
+    return out
 
 
 # ------------------------------------------------------------ photometric
 
 
 def affine_lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
-    """The 256-entry table of mmseg's ``convert``: uint8(clip(v*a + b))."""
-    values = np.arange(256, dtype=np.float32) * alpha + beta
-    return np.clip(values, 0, 255).astype(np.uint8)
+  """The 256-entry table of mmseg's ``convert``: uint8(clip(v*a + b))."""
+  values = np.arange(256, dtype=np.float32) * alpha + beta
+  return np.clip(values, 0, 255).astype(np.uint8)
 
 
 def hue_lut(delta: int) -> np.ndarray:
-    """OpenCV 8-bit hue lives in [0, 180): shift modulo 180."""
-    return ((np.arange(256) + delta) % 180).astype(np.uint8)
+  """OpenCV 8-bit hue lives in [0, 180): shift modulo 180."""
+  return ((np.arange(256) + delta) % 180).astype(np.uint8)
 
 
 def _apply_lut_to_channel(image: np.ndarray, channel: int, lut: np.ndarray) -> np.ndarray:
-    # cv2.LUT takes either one table or one per channel; give identity tables
-    # for the other channels so the whole image goes through one call.
-    identity = np.arange(256, dtype=np.uint8)
-    tables = [identity, identity, identity]
-    tables[channel] = lut
-    return cv2.LUT(image, np.stack(tables, axis=-1).reshape(256, 1, 3))
+  # cv2.LUT takes either one table or one per channel; give identity tables
+  # for the other channels so the whole image goes through one call.
+  identity = np.arange(256, dtype=np.uint8)
+  tables = [identity, identity, identity]
+  tables[channel] = lut
+  return cv2.LUT(image, np.stack(tables, axis=-1).reshape(256, 1, 3))
 
 
 def adjust_saturation(image_bgr: np.ndarray, alpha: float) -> np.ndarray:
-    hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
-    hsv = _apply_lut_to_channel(hsv, 1, affine_lut(alpha=alpha))
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+  hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+  hsv = _apply_lut_to_channel(hsv, 1, affine_lut(alpha=alpha))
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
 def adjust_hue(image_bgr: np.ndarray, delta: int) -> np.ndarray:
-    hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
-    hsv = _apply_lut_to_channel(hsv, 0, hue_lut(delta))
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+  hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+  hsv = _apply_lut_to_channel(hsv, 0, hue_lut(delta))
+  return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
 @dataclasses.dataclass(frozen=True)
 class PhotoMetricDistortion(grain.transforms.RandomMap):
-    """mmseg ``PhotoMetricDistortion`` with its draw order:
+  """mmseg ``PhotoMetricDistortion`` with its draw order:
 
-    brightness (p .5, +U(-d, d)); ``mode = randint(2)``; if mode == 1:
-    contrast (p .5, xU(lo, hi)); saturation (p .5); hue (p .5,
-    +randint(-h, h), upper bound exclusive as in numpy); if mode == 0:
-    contrast. Every step clips to [0, 255] and truncates to uint8.
-    """
+  brightness (p .5, +U(-d, d)); ``mode = randint(2)``; if mode == 1:
+  contrast (p .5, xU(lo, hi)); saturation (p .5); hue (p .5,
+  +randint(-h, h), upper bound exclusive as in numpy); if mode == 0:
+  contrast. Every step clips to [0, 255] and truncates to uint8.
+  """
 
-    brightness_delta: int = 32
-    contrast_range: tuple[float, float] = (0.5, 1.5)
-    saturation_range: tuple[float, float] = (0.5, 1.5)
-    hue_delta: int = 18
+  brightness_delta: int = 32
+  contrast_range: tuple[float, float] = (0.5, 1.5)
+  saturation_range: tuple[float, float] = (0.5, 1.5)
+  hue_delta: int = 18
 
-    def draw(self, rng: np.random.Generator) -> list[tuple[str, float]]:
-        """The sequence of applied steps, as (name, parameter) pairs."""
-        steps: list[tuple[str, float]] = []
-        if rng.integers(2):
-            steps.append(("brightness", rng.uniform(-self.brightness_delta, self.brightness_delta)))
-        mode = rng.integers(2)
-        if mode == 1 and rng.integers(2):
-            steps.append(("contrast", rng.uniform(*self.contrast_range)))
-        if rng.integers(2):
-            steps.append(("saturation", rng.uniform(*self.saturation_range)))
-        if rng.integers(2):
-            steps.append(("hue", int(rng.integers(-self.hue_delta, self.hue_delta))))
-        if mode == 0 and rng.integers(2):
-            steps.append(("contrast", rng.uniform(*self.contrast_range)))
-        return steps
+  def draw(self, rng: np.random.Generator) -> list[tuple[str, float]]:
+    """The sequence of applied steps, as (name, parameter) pairs."""
+    steps: list[tuple[str, float]] = []
+    if rng.integers(2):
+      steps.append(('brightness', rng.uniform(-self.brightness_delta, self.brightness_delta)))
+    mode = rng.integers(2)
+    if mode == 1 and rng.integers(2):
+      steps.append(('contrast', rng.uniform(*self.contrast_range)))
+    if rng.integers(2):
+      steps.append(('saturation', rng.uniform(*self.saturation_range)))
+    if rng.integers(2):
+      steps.append(('hue', int(rng.integers(-self.hue_delta, self.hue_delta))))
+    if mode == 0 and rng.integers(2):
+      steps.append(('contrast', rng.uniform(*self.contrast_range)))
+    return steps
 
-    @staticmethod
-    def apply(image: np.ndarray, steps: list[tuple[str, float]]) -> np.ndarray:
-        lut = None  # pending composition of consecutive per-value maps
-        for name, value in steps:
-            if name in ("brightness", "contrast"):
-                step = affine_lut(beta=value) if name == "brightness" else affine_lut(alpha=value)
-                lut = step if lut is None else step[lut]
-                continue
-            if lut is not None:
-                image, lut = cv2.LUT(image, lut), None
-            image = adjust_saturation(image, value) if name == "saturation" else adjust_hue(image, int(value))
-        if lut is not None:
-            image = cv2.LUT(image, lut)
-        return image
+  @staticmethod
+  def apply(image: np.ndarray, steps: list[tuple[str, float]]) -> np.ndarray:
+    lut = None  # pending composition of consecutive per-value maps
+    for name, value in steps:
+      if name in ('brightness', 'contrast'):
+        step = affine_lut(beta=value) if name == 'brightness' else affine_lut(alpha=value)
+        lut = step if lut is None else step[lut]
+        continue
+      if lut is not None:
+        image, lut = cv2.LUT(image, lut), None
+      image = adjust_saturation(image, value) if name == 'saturation' else adjust_hue(image, int(value))
+    if lut is not None:
+      image = cv2.LUT(image, lut)
+    return image
 
-    def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        steps = self.draw(rng)
-        if not steps:
-            return element
-        out = dict(element)
-        out["image"] = self.apply(element["image"], steps)
-        return out
+  def random_map(self, element: Element, rng: np.random.Generator) -> Element:
+    steps = self.draw(rng)
+    if not steps:
+      return element
+    out = dict(element)
+    out['image'] = self.apply(element['image'], steps)
+    return out
 
 
 # ---------------------------------------------------------------- padding
 
 
 def pad_to_shape(
-    element: Element,
-    shape: Sequence[int],
-    *,
-    pad_val: int = 0,
-    seg_pad_val: int = IGNORE_INDEX,
-    pad_label: bool = True,
+  element: Element,
+  shape: Sequence[int],
+  *,
+  pad_val: int = 0,
+  seg_pad_val: int = IGNORE_INDEX,
+  pad_label: bool = True,
 ) -> Element:
-    """Pad right and bottom to ``shape`` (mmcv ``impad(shape=...)``).
+  """Pad right and bottom to ``shape`` (mmcv ``impad(shape=...)``).
 
-    Records ``valid_hw`` (the unpadded size) unless already present, so a
-    later normalisation can zero the padding.
-    """
-    image = element["image"]
-    h, w = image.shape[:2]
-    if h > shape[0] or w > shape[1]:
-        raise ValueError(f"cannot pad an image of size {(h, w)} to the smaller {tuple(shape)}")
-    out = dict(element)
-    out.setdefault("valid_hw", np.array([h, w], dtype=np.int32))
-    out["image"] = cv2.copyMakeBorder(
-        image, 0, shape[0] - h, 0, shape[1] - w, cv2.BORDER_CONSTANT, value=(pad_val,) * 3
+  Records ``valid_hw`` (the unpadded size) unless already present, so a
+  later normalisation can zero the padding.
+  """
+  image = element['image']
+  h, w = image.shape[:2]
+  if h > shape[0] or w > shape[1]:
+    raise ValueError(f'cannot pad an image of size {(h, w)} to the smaller {tuple(shape)}')
+  out = dict(element)
+  out.setdefault('valid_hw', np.array([h, w], dtype=np.int32))
+  out['image'] = cv2.copyMakeBorder(image, 0, shape[0] - h, 0, shape[1] - w, cv2.BORDER_CONSTANT, value=(pad_val,) * 3)
+  if pad_label and 'label' in element:
+    label = element['label']
+    out['label'] = cv2.copyMakeBorder(
+      label,
+      0,
+      shape[0] - label.shape[0],
+      0,
+      shape[1] - label.shape[1],
+      cv2.BORDER_CONSTANT,
+      value=seg_pad_val,
     )
-    if pad_label and "label" in element:
-        label = element["label"]
-        out["label"] = cv2.copyMakeBorder(
-            label, 0, shape[0] - label.shape[0], 0, shape[1] - label.shape[1],
-            cv2.BORDER_CONSTANT, value=seg_pad_val,
-        )
-    return out
+  return out
 
 
 def size_to_multiple(hw: Sequence[int], divisor: int) -> tuple[int, int]:
-    """mmcv ``impad_to_multiple`` size: round each edge up to ``divisor``."""
-    return tuple(int(-(-int(x) // divisor) * divisor) for x in hw)  # type: ignore[return-value]
+  """mmcv ``impad_to_multiple`` size: round each edge up to ``divisor``."""
+  return tuple(int(-(-int(x) // divisor) * divisor) for x in hw)  # type: ignore[return-value]
 
 
 @dataclasses.dataclass(frozen=True)
 class Pad(grain.transforms.Map):
-    """mmseg ``Pad(size=crop_size, pad_val=0, seg_pad_val=255)``."""
+  """mmseg ``Pad(size=crop_size, pad_val=0, seg_pad_val=255)``."""
 
-    size: tuple[int, int] = (512, 512)
-    pad_val: int = 0
-    seg_pad_val: int = IGNORE_INDEX
+  size: tuple[int, int] = (512, 512)
+  pad_val: int = 0
+  seg_pad_val: int = IGNORE_INDEX
 
-    def map(self, element: Element) -> Element:
-        return pad_to_shape(element, self.size, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
+  def map(self, element: Element) -> Element:
+    return pad_to_shape(element, self.size, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
 
 
 # ----------------------------------------------------- host normalisation
@@ -347,42 +340,40 @@ MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
 
-def normalize_numpy(
-    image_bgr: np.ndarray, mean=MEAN_RGB, std=STD_RGB, to_rgb: bool = True
-) -> np.ndarray:
-    """Host-side mmcv ``imnormalize`` (BGR -> RGB, (x - mean) / std), float32.
+def normalize_numpy(image_bgr: np.ndarray, mean=MEAN_RGB, std=STD_RGB, to_rgb: bool = True) -> np.ndarray:
+  """Host-side mmcv ``imnormalize`` (BGR -> RGB, (x - mean) / std), float32.
 
-    The pipeline normalises on the device instead (``normalize_image`` in
-    pipeline.py); this is for tools and tests that want the mmseg tensor.
-    """
-    img = image_bgr[..., ::-1] if to_rgb else image_bgr
-    mean = np.asarray(mean, dtype=np.float64)
-    stdinv = 1.0 / np.asarray(std, dtype=np.float64)
-    return ((img.astype(np.float64) - mean) * stdinv).astype(np.float32)
+  The pipeline normalises on the device instead (``normalize_image`` in
+  pipeline.py); this is for tools and tests that want the mmseg tensor.
+  """
+  img = image_bgr[..., ::-1] if to_rgb else image_bgr
+  mean = np.asarray(mean, dtype=np.float64)
+  stdinv = 1.0 / np.asarray(std, dtype=np.float64)
+  return ((img.astype(np.float64) - mean) * stdinv).astype(np.float32)
 
 
 def train_transforms(
-    *,
-    crop_size: tuple[int, int] = (512, 512),
-    img_scale: tuple[int, int] = (2048, 512),
-    ratio_range: tuple[float, float] = (0.5, 2.0),
-    cat_max_ratio: float = 0.75,
-    flip_prob: float = 0.5,
-    photometric: bool = True,
-    reduce_zero_label: bool = False,
-    ignore_index: int = IGNORE_INDEX,
+  *,
+  crop_size: tuple[int, int] = (512, 512),
+  img_scale: tuple[int, int] = (2048, 512),
+  ratio_range: tuple[float, float] = (0.5, 2.0),
+  cat_max_ratio: float = 0.75,
+  flip_prob: float = 0.5,
+  photometric: bool = True,
+  reduce_zero_label: bool = False,
+  ignore_index: int = IGNORE_INDEX,
 ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
-    """The mmseg 0.27 training pipeline after loading (without Normalize,
-    which runs on the device)."""
-    ops: list = []
-    if reduce_zero_label:
-        ops.append(ReduceZeroLabel())
-    ops += [
-        RandomResize(tuple(img_scale), tuple(ratio_range)),
-        RandomCrop(tuple(crop_size), cat_max_ratio, ignore_index),
-        RandomFlip(flip_prob),
-    ]
-    if photometric:
-        ops.append(PhotoMetricDistortion())
-    ops.append(Pad(tuple(crop_size), 0, ignore_index))
-    return ops
+  """The mmseg 0.27 training pipeline after loading (without Normalize,
+  which runs on the device)."""
+  ops: list = []
+  if reduce_zero_label:
+    ops.append(ReduceZeroLabel())
+  ops += [
+    RandomResize(tuple(img_scale), tuple(ratio_range)),
+    RandomCrop(tuple(crop_size), cat_max_ratio, ignore_index),
+    RandomFlip(flip_prob),
+  ]
+  if photometric:
+    ops.append(PhotoMetricDistortion())
+  ops.append(Pad(tuple(crop_size), 0, ignore_index))
+  return ops

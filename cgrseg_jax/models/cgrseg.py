@@ -1,5 +1,6 @@
 """CGRSeg: EfficientFormerV2 backbone + context-guided spatial feature
 reconstruction head, NHWC. `VARIANTS` is the one table of model sizes."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -18,15 +19,16 @@ Dtype = Any
 # Upstream configs local_configs/cgrseg/cgrseg-{t,b,l}_ade20k_160k.py; 'tiny' is
 # ours, for fast tests only (S0 backbone, narrow head).
 VARIANTS = {
-    't': dict(backbone='s1', drop_path_rate=0.0, channels=128, next_repeat=5, band_kernel=11),
-    'b': dict(backbone='s2', drop_path_rate=0.02, channels=256, next_repeat=6, band_kernel=11),
-    'l': dict(backbone='l', drop_path_rate=0.1, channels=256, next_repeat=5, band_kernel=9),
-    'tiny': dict(backbone='s0', drop_path_rate=0.0, channels=32, next_repeat=1, band_kernel=5),
+  't': dict(backbone='s1', drop_path_rate=0.0, channels=128, next_repeat=5, band_kernel=11),
+  'b': dict(backbone='s2', drop_path_rate=0.02, channels=256, next_repeat=6, band_kernel=11),
+  'l': dict(backbone='l', drop_path_rate=0.1, channels=256, next_repeat=5, band_kernel=9),
+  'tiny': dict(backbone='s0', drop_path_rate=0.0, channels=32, next_repeat=1, band_kernel=5),
 }
 
 
 class RCMStack(nn.Module):
   """Stacked RCMs on the pooled pyramid (`trans.transformer_blocks` upstream)."""
+
   depth: int
   band_kernel: int
   dtype: Dtype = jnp.float32
@@ -41,6 +43,7 @@ class RCMStack(nn.Module):
 class FuseBlock(nn.Module):
   """Gate the projected local tokens with hard-sigmoid(projected global part),
   upsampled bilinearly (`FuseBlockMulti` upstream)."""
+
   channels: int
   dtype: Dtype = jnp.float32
 
@@ -54,6 +57,7 @@ class FuseBlock(nn.Module):
 
 class CGRSegHead(nn.Module):
   """Decode head on the stride 8/16/32 maps; returns logits at stride 8."""
+
   in_channels: Sequence[int]
   channels: int
   num_classes: int
@@ -70,7 +74,7 @@ class CGRSegHead(nn.Module):
     size = ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
     pooled = jnp.concatenate([resize.adaptive_avg_pool(f, size) for f in feats], axis=-1)
     pooled = RCMStack(self.next_repeat, self.band_kernel, dtype=self.dtype, name='trans')(pooled, train)
-    splits = [sum(self.in_channels[:i + 1]) for i in range(len(self.in_channels) - 1)]
+    splits = [sum(self.in_channels[: i + 1]) for i in range(len(self.in_channels) - 1)]
     global_parts = jnp.split(pooled, splits, axis=-1)
 
     # Coarse to fine: refine local tokens with an RCM and fuse with the global part.
@@ -84,14 +88,20 @@ class CGRSegHead(nn.Module):
       x = FuseBlock(self.channels, dtype=self.dtype, name=f'SIM_{i}')(local, global_parts[i], train)
 
     dropout = dropout2d(self.dropout_ratio)
-    conv_seg = conv(self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01),
-                    name='conv_seg')
+    conv_seg = conv(self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name='conv_seg')
 
     def classify(y):  # mmseg's cls_seg: the same dropout and classifier both times
       return conv_seg(dropout(y, deterministic=not train))
 
-    fused = ConvBN(self.channels, groups=self.channels, bias=False, act=jax.nn.relu, names=('conv', 'bn'),
-                   dtype=self.dtype, name='linear_fuse')(x, train)
+    fused = ConvBN(
+      self.channels,
+      groups=self.channels,
+      bias=False,
+      act=jax.nn.relu,
+      names=('conv', 'bn'),
+      dtype=self.dtype,
+      name='linear_fuse',
+    )(x, train)
     first = classify(fused)
     context = spatial_gather(x, first)
     refined = DPGHead(self.channels, dtype=self.dtype, name='lgc')(x, context) + x
@@ -100,6 +110,7 @@ class CGRSegHead(nn.Module):
 
 class CGRSegModel(nn.Module):
   """The segmentor: `__call__` gives logits (N, H, W, K) at the input size."""
+
   backbone: nn.Module
   decode_head: nn.Module
   dtype: Dtype = jnp.float32
@@ -117,9 +128,14 @@ class CGRSegModel(nn.Module):
     return resize.resize_bilinear(self.decode(x, train), x.shape[1:3])
 
 
-def build_segmentor(variant: str = 't', num_classes: int = 150, dtype: Dtype = jnp.float32,
-                    drop_path_rate: float | None = None, dropout_ratio: float = 0.1,
-                    resolution: int = 512) -> CGRSegModel:
+def build_segmentor(
+  variant: str = 't',
+  num_classes: int = 150,
+  dtype: Dtype = jnp.float32,
+  drop_path_rate: float | None = None,
+  dropout_ratio: float = 0.1,
+  resolution: int = 512,
+) -> CGRSegModel:
   """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
   float32); `drop_path_rate` overrides the variant's backbone stochastic depth;
   `dropout_ratio` is the Dropout2d rate before the classifier; `resolution` the
@@ -129,6 +145,13 @@ def build_segmentor(variant: str = 't', num_classes: int = 150, dtype: Dtype = j
   cfg = VARIANTS[variant]
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
   backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype)
-  head = CGRSegHead(tuple(backbone.widths[1:]), cfg['channels'], num_classes, cfg['next_repeat'],
-                    cfg['band_kernel'], dropout_ratio=dropout_ratio, dtype=dtype)
+  head = CGRSegHead(
+    tuple(backbone.widths[1:]),
+    cfg['channels'],
+    num_classes,
+    cfg['next_repeat'],
+    cfg['band_kernel'],
+    dropout_ratio=dropout_ratio,
+    dtype=dtype,
+  )
   return CGRSegModel(backbone, head, dtype=dtype)

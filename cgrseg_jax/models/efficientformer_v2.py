@@ -7,6 +7,7 @@ to the runtime attention size on every forward.
 Module names mirror the upstream PyTorch names (`patch_embed`, `network_<i>`,
 `token_mixer`, `mlp`, `fc1`, ...) so that conversion is mechanical.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,16 +27,30 @@ Dtype = Any
 # Widths, depths, per-block MLP expansion ratios, and how many of the last
 # blocks of stages 3 and 4 carry attention.
 BACKBONES = {
-    's0': dict(widths=(32, 48, 96, 176), depths=(2, 2, 6, 4), vit_num=2,
-               mlp_ratios=((4, 4), (4, 4), (4, 3, 3, 3, 4, 4), (4, 3, 3, 4))),
-    's1': dict(widths=(32, 48, 120, 224), depths=(3, 3, 9, 6), vit_num=2,
-               mlp_ratios=((4, 4, 4), (4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4))),
-    's2': dict(widths=(32, 64, 144, 288), depths=(4, 4, 12, 8), vit_num=4,
-               mlp_ratios=((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4),
-                           (4, 4, 3, 3, 3, 3, 4, 4))),
-    'l': dict(widths=(40, 80, 192, 384), depths=(5, 5, 15, 10), vit_num=6,
-              mlp_ratios=((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4),
-                          (4, 4, 4, 3, 3, 3, 3, 4, 4, 4))),
+  's0': dict(
+    widths=(32, 48, 96, 176),
+    depths=(2, 2, 6, 4),
+    vit_num=2,
+    mlp_ratios=((4, 4), (4, 4), (4, 3, 3, 3, 4, 4), (4, 3, 3, 4)),
+  ),
+  's1': dict(
+    widths=(32, 48, 120, 224),
+    depths=(3, 3, 9, 6),
+    vit_num=2,
+    mlp_ratios=((4, 4, 4), (4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4, 4), (4, 4, 3, 3, 4, 4)),
+  ),
+  's2': dict(
+    widths=(32, 64, 144, 288),
+    depths=(4, 4, 12, 8),
+    vit_num=4,
+    mlp_ratios=((4,) * 4, (4,) * 4, (4, 4, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 3, 3, 3, 3, 4, 4)),
+  ),
+  'l': dict(
+    widths=(40, 80, 192, 384),
+    depths=(5, 5, 15, 10),
+    vit_num=6,
+    mlp_ratios=((4,) * 5, (4,) * 5, (4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4), (4, 4, 4, 3, 3, 3, 3, 4, 4, 4)),
+  ),
 }
 
 LAYER_SCALE_INIT = 1e-5
@@ -65,8 +80,7 @@ def attention_bias_index(resolution: int, downsample: bool = False) -> tuple[np.
   return idx, len(uniq)
 
 
-def _attention_bias(module: nn.Module, num_heads: int, resolution: int, downsample: bool,
-                    n_query: int, n_key: int):
+def _attention_bias(module: nn.Module, num_heads: int, resolution: int, downsample: bool, n_query: int, n_key: int):
   """Gather the learned per-offset biases into a (heads, Nq, Nk) map for the
   reference resolution, then resize it bicubically to the runtime token counts."""
   idx, n_offsets = attention_bias_index(resolution, downsample)
@@ -76,13 +90,15 @@ def _attention_bias(module: nn.Module, num_heads: int, resolution: int, downsamp
 
 class HeadMix(nn.Module):
   """A 1x1 conv across attention heads (`talking_head1/2`) on (B, heads, N, M)."""
+
   num_heads: int
 
   @nn.compact
   def __call__(self, attn):
     h = self.num_heads
-    kernel = self.param('kernel', nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
-                        (1, 1, h, h), jnp.float32)
+    kernel = self.param(
+      'kernel', nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'), (1, 1, h, h), jnp.float32
+    )
     bias = self.param('bias', nn.initializers.zeros, (h,), jnp.float32)
     out = jnp.einsum('bhnm,hg->bgnm', attn, kernel[0, 0].astype(attn.dtype))
     return out + bias.astype(attn.dtype)[None, :, None, None]
@@ -92,6 +108,7 @@ class Attention4D(nn.Module):
   """Multi-head self-attention on a 2-D map with a local value branch and
   talking heads. With `stride`, attention runs on a strided depthwise-conv
   summary and the result is upsampled bilinearly before the projection."""
+
   dim: int
   resolution: int
   stride: int | None = None
@@ -106,8 +123,9 @@ class Attention4D(nn.Module):
     resolution = self.resolution
     if self.stride is not None:
       resolution = math.ceil(resolution / self.stride)
-      x = ConvBN(self.dim, 3, stride=self.stride, padding=1, groups=self.dim, dtype=self.dtype,
-                 name='stride_conv')(x, train)
+      x = ConvBN(self.dim, 3, stride=self.stride, padding=1, groups=self.dim, dtype=self.dtype, name='stride_conv')(
+        x, train
+      )
     b, h, w, _ = x.shape
     n = h * w
     q = ConvBN(nh * kd, dtype=self.dtype, name='q')(x, train).reshape(b, n, nh, kd)
@@ -116,7 +134,7 @@ class Attention4D(nn.Module):
     v_local = ConvBN(nh * d, 3, padding=1, groups=nh * d, dtype=self.dtype, name='v_local')(v_map, train)
     v = v_map.reshape(b, n, nh, d)
 
-    attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd ** -0.5)
+    attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
     attn = attn + _attention_bias(self, nh, resolution, False, n, n).astype(attn.dtype)
     attn = HeadMix(nh, name='talking_head1')(attn)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
@@ -129,6 +147,7 @@ class Attention4D(nn.Module):
 
 class StridedDepthwise(nn.Module):
   """3x3 stride-2 depthwise conv, child '0' of an `nn.Sequential` upstream."""
+
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -139,6 +158,7 @@ class StridedDepthwise(nn.Module):
 
 class LGQuery(nn.Module):
   """Query of the downsampling attention: strided depthwise conv + 2x subsampling."""
+
   out_dim: int
   dtype: Dtype = jnp.float32
 
@@ -151,6 +171,7 @@ class LGQuery(nn.Module):
 
 class Attention4DDownsample(nn.Module):
   """Attention whose queries live on the 2x-subsampled grid (stage 3 -> 4)."""
+
   dim: int
   out_dim: int
   resolution: int
@@ -168,11 +189,10 @@ class Attention4DDownsample(nn.Module):
     q = q.reshape(b, hq * wq, nh, kd)
     k = ConvBN(nh * kd, dtype=self.dtype, name='k')(x, train).reshape(b, h * w, nh, kd)
     v_map = ConvBN(nh * d, dtype=self.dtype, name='v')(x, train)
-    v_local = ConvBN(nh * d, 3, stride=2, padding=1, groups=nh * d, dtype=self.dtype,
-                     name='v_local')(v_map, train)
+    v_local = ConvBN(nh * d, 3, stride=2, padding=1, groups=nh * d, dtype=self.dtype, name='v_local')(v_map, train)
     v = v_map.reshape(b, h * w, nh, d)
 
-    attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd ** -0.5)
+    attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
     attn = attn + _attention_bias(self, nh, self.resolution, True, hq * wq, h * w).astype(attn.dtype)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhnm,bmhc->bnhc', attn, v).reshape(b, hq, wq, nh * d) + v_local
@@ -181,6 +201,7 @@ class Attention4DDownsample(nn.Module):
 
 class Mlp(nn.Module):
   """1x1 conv, BN, GELU, 3x3 depthwise conv, BN, GELU, 1x1 conv, BN."""
+
   dim: int
   hidden: int
   dtype: Dtype = jnp.float32
@@ -197,6 +218,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """FFN block, or attention + FFN block when `attention` (AttnFFN upstream)."""
+
   dim: int
   mlp_ratio: float
   attention: bool = False
@@ -221,6 +243,7 @@ class Block(nn.Module):
 class Embedding(nn.Module):
   """Downsampling between stages: 3x3 stride-2 conv + BN, plus (before the last
   stage) a downsampling-attention branch."""
+
   out_dim: int
   attention: bool = False
   resolution: int = 7
@@ -233,12 +256,14 @@ class Embedding(nn.Module):
       return BatchNorm(dtype=self.dtype, name='norm')(x, train)
     y = conv(self.out_dim, 3, stride=2, padding=1, dtype=self.dtype, name='conv')(x)
     y = BatchNorm(dtype=self.dtype, name='bn')(y, train)
-    return Attention4DDownsample(x.shape[-1], self.out_dim, self.resolution, dtype=self.dtype,
-                                 name='attn')(x, train) + y
+    return (
+      Attention4DDownsample(x.shape[-1], self.out_dim, self.resolution, dtype=self.dtype, name='attn')(x, train) + y
+    )
 
 
 class Stage(nn.Module):
   """The blocks of one stage (an `nn.Sequential` upstream: children '0', '1', ...)."""
+
   dim: int
   mlp_ratios: Sequence[float]
   num_attention: int
@@ -251,14 +276,22 @@ class Stage(nn.Module):
   def __call__(self, x, train: bool):
     depth = len(self.mlp_ratios)
     for j, ratio in enumerate(self.mlp_ratios):
-      x = Block(self.dim, ratio, attention=j >= depth - self.num_attention,
-                resolution=self.resolution, stride=self.stride, drop_path=self.drop_paths[j],
-                dtype=self.dtype, name=str(j))(x, train)
+      x = Block(
+        self.dim,
+        ratio,
+        attention=j >= depth - self.num_attention,
+        resolution=self.resolution,
+        stride=self.stride,
+        drop_path=self.drop_paths[j],
+        dtype=self.dtype,
+        name=str(j),
+      )(x, train)
     return x
 
 
 class PatchEmbed(nn.Module):
   """Stem: two 3x3 stride-2 conv + BN + GELU (children '0', '1', '3', '4')."""
+
   dim: int
   dtype: Dtype = jnp.float32
 
@@ -283,6 +316,7 @@ class EfficientFormerV2(nn.Module):
   upstream); other input sizes resize the biases. Module `network_<k>` is
   PyTorch's `network[k]`: stages at even k, downsampling embeddings at odd k.
   """
+
   widths: Sequence[int]
   depths: Sequence[int]
   mlp_ratios: Sequence[Sequence[float]]
@@ -299,17 +333,34 @@ class EfficientFormerV2(nn.Module):
     rates = drop_path_rates(self.depths, self.drop_path_rate)
     for i, dim in enumerate(self.widths):
       res = math.ceil(self.resolution / 2 ** (i + 2))
-      x = Stage(dim, tuple(self.mlp_ratios[i]), self.vit_num if i >= 2 else 0, res,
-                2 if i == 2 else None, rates[i], dtype=self.dtype, name=f'network_{2 * i}')(x, train)
+      x = Stage(
+        dim,
+        tuple(self.mlp_ratios[i]),
+        self.vit_num if i >= 2 else 0,
+        res,
+        2 if i == 2 else None,
+        rates[i],
+        dtype=self.dtype,
+        name=f'network_{2 * i}',
+      )(x, train)
       outs.append(x)
       if i + 1 < len(self.widths):
-        x = Embedding(self.widths[i + 1], attention=i >= 2, resolution=res, dtype=self.dtype,
-                      name=f'network_{2 * i + 1}')(x, train)
+        x = Embedding(
+          self.widths[i + 1], attention=i >= 2, resolution=res, dtype=self.dtype, name=f'network_{2 * i + 1}'
+        )(x, train)
     return outs
 
 
-def build_backbone(name: str, drop_path_rate: float = 0.0, resolution: int = 512,
-                   dtype: Dtype = jnp.float32) -> EfficientFormerV2:
+def build_backbone(
+  name: str, drop_path_rate: float = 0.0, resolution: int = 512, dtype: Dtype = jnp.float32
+) -> EfficientFormerV2:
   cfg = BACKBONES[name]
-  return EfficientFormerV2(cfg['widths'], cfg['depths'], cfg['mlp_ratios'], cfg['vit_num'],
-                           drop_path_rate=drop_path_rate, resolution=resolution, dtype=dtype)
+  return EfficientFormerV2(
+    cfg['widths'],
+    cfg['depths'],
+    cfg['mlp_ratios'],
+    cfg['vit_num'],
+    drop_path_rate=drop_path_rate,
+    resolution=resolution,
+    dtype=dtype,
+  )

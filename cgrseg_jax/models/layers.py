@@ -4,6 +4,7 @@ Submodule names follow the PyTorch module names (`'0'`, `'1'` for the children
 of an `nn.Sequential`, `conv`/`bn` for an mmcv `ConvModule`), so that a Flax
 variable path is the PyTorch state-dict key split at the dots; see convert.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,21 +48,37 @@ def depthwise_as_grouped_conv():
     _depthwise_as_shifts = saved
 
 
-def conv(features: int, kernel: int | Sequence[int], *, stride: int = 1,
-         padding: int | Sequence[int] = 0, groups: int = 1, bias: bool = True,
-         dtype: Dtype = jnp.float32, kernel_init: Callable = torch_default_kernel_init,
-         name: Optional[str] = None) -> nn.Module:
+def conv(
+  features: int,
+  kernel: int | Sequence[int],
+  *,
+  stride: int = 1,
+  padding: int | Sequence[int] = 0,
+  groups: int = 1,
+  bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  kernel_init: Callable = torch_default_kernel_init,
+  name: Optional[str] = None,
+) -> nn.Module:
   """An `nn.Conv2d` equivalent: symmetric explicit padding, groups, HWIO kernel.
   Depthwise convolutions (groups == features) go through `DepthwiseConv`."""
   kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
   padding = (padding, padding) if isinstance(padding, int) else tuple(padding)
   if groups > 1 and groups == features and _depthwise_as_shifts:
     return DepthwiseConv(features, kernel, stride, padding, bias, dtype, kernel_init, name=name)
-  return nn.Conv(features, kernel, strides=(stride, stride),
-                 padding=[(padding[0], padding[0]), (padding[1], padding[1])],
-                 feature_group_count=groups, use_bias=bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init,
-                 bias_init=nn.initializers.zeros, name=name)
+  return nn.Conv(
+    features,
+    kernel,
+    strides=(stride, stride),
+    padding=[(padding[0], padding[0]), (padding[1], padding[1])],
+    feature_group_count=groups,
+    use_bias=bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=kernel_init,
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
 
 
 class DepthwiseConv(nn.Module):
@@ -73,6 +90,7 @@ class DepthwiseConv(nn.Module):
   ~50x faster for a 3x3 kernel there. Same `kernel` (kh, kw, 1, C) and `bias`
   variables as `nn.Conv`, so checkpoints do not change.
   """
+
   features: int
   kernel: tuple[int, int]
   stride: int = 1
@@ -93,7 +111,7 @@ class DepthwiseConv(nn.Module):
     out = None
     for i in range(kh):
       for j in range(kw):
-        tap = x[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] * kernel[i, j, 0]
+        tap = x[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s, :] * kernel[i, j, 0]
         out = tap if out is None else out + tap
     if self.bias:
       out = out + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
@@ -108,6 +126,7 @@ class BatchNorm(nn.Module):
   are reduced over every axis but channels of the (global, possibly sharded)
   batch, so under `jit` with a batch sharded over devices this is SyncBN.
   """
+
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Optional[Dtype] = None
@@ -141,6 +160,7 @@ class ConvBN(nn.Module):
   `names` are the PyTorch names of the two children: `('0', '1')` for an
   `nn.Sequential(conv, bn)`, `('conv', 'bn')` for an mmcv `ConvModule`.
   """
+
   features: int
   kernel: int = 1
   stride: int = 1
@@ -154,9 +174,17 @@ class ConvBN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = conv(self.features, self.kernel, stride=self.stride, padding=self.padding,
-             groups=self.groups, bias=self.bias, dtype=self.dtype,
-             kernel_init=self.kernel_init, name=self.names[0])(x)
+    x = conv(
+      self.features,
+      self.kernel,
+      stride=self.stride,
+      padding=self.padding,
+      groups=self.groups,
+      bias=self.bias,
+      dtype=self.dtype,
+      kernel_init=self.kernel_init,
+      name=self.names[0],
+    )(x)
     x = BatchNorm(dtype=self.dtype, name=self.names[1])(x, train)
     return self.act(x) if self.act is not None else x
 
@@ -164,6 +192,7 @@ class ConvBN(nn.Module):
 class DropPath(nn.Module):
   """Stochastic depth per sample (timm's DropPath): zero a sample's residual
   branch with probability `rate` and scale survivors by 1 / (1 - rate)."""
+
   rate: float = 0.0
 
   @nn.compact

@@ -6,6 +6,7 @@ k x 1) and a sigmoid, and uses the result to gate a local 3x3 depthwise branch.
 RCM is a MetaNeXt-style block around it: RCA, BN, conv MLP, layer scale,
 residual.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,6 +25,7 @@ LAYER_SCALE_INIT = 1e-6
 class Excite(nn.Module):
   """(1 x k) depthwise conv, BN, ReLU, (k x 1) depthwise conv, sigmoid
   (an `nn.Sequential` upstream: children '0', '1', '3')."""
+
   dim: int
   groups: int
   band_kernel: int
@@ -40,6 +42,7 @@ class Excite(nn.Module):
 
 class RCA(nn.Module):
   """Rectangular self-calibration attention."""
+
   band_kernel: int = 11
   square_kernel: int = 3
   ratio: int = 1
@@ -48,8 +51,9 @@ class RCA(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    local = conv(c, self.square_kernel, padding=self.square_kernel // 2, groups=c, dtype=self.dtype,
-                 name='dwconv_hw')(x)
+    local = conv(c, self.square_kernel, padding=self.square_kernel // 2, groups=c, dtype=self.dtype, name='dwconv_hw')(
+      x
+    )
     # Row context (pooled over W) plus column context (pooled over H), broadcast to H x W.
     context = jnp.mean(x, axis=2, keepdims=True) + jnp.mean(x, axis=1, keepdims=True)
     gate = Excite(c, c // self.ratio, self.band_kernel, dtype=self.dtype, name='excite')(context, train)
@@ -58,6 +62,7 @@ class RCA(nn.Module):
 
 class ConvMlp(nn.Module):
   """1x1 conv, GELU, 1x1 conv."""
+
   hidden: int
   dtype: Dtype = jnp.float32
 
@@ -70,6 +75,7 @@ class ConvMlp(nn.Module):
 
 class RCM(nn.Module):
   """Rectangular self-calibration module: x + gamma * mlp(bn(rca(x)))."""
+
   band_kernel: int = 11
   square_kernel: int = 3
   mlp_ratio: float = 2.0

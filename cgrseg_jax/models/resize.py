@@ -7,6 +7,7 @@ them reproduced. All index/weight tables depend only on static shapes: they are
 built with numpy at trace time and become constants, so nothing recompiles per
 call and the work is a gather plus a few multiply-adds per output sample.
 """
+
 from __future__ import annotations
 
 import functools
