@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cgrseg_jax import convert
+from cgrseg_jax import convert, errors
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data
 # ------------------------------------------------------------------ init weights
 
 
-class InitError(ValueError):
+class InitError(errors.UserError, ValueError):
   """`config.init` names something that cannot initialise this model."""
 
 

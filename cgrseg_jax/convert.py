@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgrseg_jax import errors
+
 from cgrseg_jax.models import BACKBONES, VARIANTS, build_segmentor
 from cgrseg_jax.models.efficientformer_v2 import attention_bias_index
 
@@ -45,8 +47,7 @@ _BUFFER_SUFFIXES = ('num_batches_tracked', 'attention_biases', 'attention_bias_i
 _IMAGENET_HEAD_RE = re.compile(r'^(norm|head|dist_head)\.')
 
 
-class ConversionError(ValueError):
-  """A checkpoint does not fit the model; the message names the key(s)."""
+ConversionError = errors.ConversionError
 
 
 @dataclasses.dataclass

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgrseg_jax import errors
 from cgrseg_jax.data import classes as class_lists
 from cgrseg_jax.data import transforms as T
 
@@ -53,7 +54,7 @@ TEST_SCALES = {
 DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
-class InferenceError(ValueError):
+class InferenceError(errors.UserError, ValueError):
   """Bad input to the segmenter; the message names the file or value."""
 
 

@@ -49,12 +49,13 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from .. import errors
 from . import classes as class_lists
 
 IGNORE_INDEX = 255
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
   """A problem with one input file; the message names the file."""
 
   def __init__(self, path: str, problem: str):
