@@ -1,0 +1,155 @@
+"""CSFCN / CSFCN-Tiny against the PyTorch reference and the shared upstream fixture."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from cgrseg_jax import errors
+from cgrseg_jax.models import csfcn
+from cgrseg_jax.torch_reference import csfcn as ref
+from flax_torch import nchw, nhwc
+
+# Learnable parameters of the upstream models (SPEC-CSFCN §2).
+UPSTREAM_PARAMS = {('csfcn', 19): 13_516_992, ('csfcn_tiny', 19): 13_284_691, ('csfcn', 11): 13_450_944,
+                   ('csfcn_tiny', 11): 13_283_659}  # fmt: skip
+STAGES = ('feat8', 'feat16', 'feat32', 'cfc', 'sfc_offsets', 'sfc', 'logits')
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize('name,k', sorted(UPSTREAM_PARAMS))
+def test_parameter_count_equals_upstream(name, k):
+  shapes = csfcn.variable_shapes(name, k)['params']
+  assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == UPSTREAM_PARAMS[name, k]
+  assert ref.count_learnable_params(ref.build_torch_csfcn(name, k)) == UPSTREAM_PARAMS[name, k]
+  n_keys = len(ref.build_torch_csfcn(name, k).state_dict())
+  assert n_keys == {'csfcn': 186, 'csfcn_tiny': 184}[name]
+
+
+@pytest.fixture(scope='module')
+def fixture(shared_dir):
+  prefix = shared_dir / 'fixtures' / 'csfcn_c19_256x512'
+  return torch.load(f'{prefix}.pth', weights_only=True), dict(np.load(f'{prefix}.npz'))
+
+
+def test_torch_reference_reproduces_fixture(fixture):
+  state, data = fixture
+  model = ref.build_torch_csfcn('csfcn', 19)
+  model.load_state_dict(state, strict=True)
+  model.eval()
+  with torch.no_grad():
+    stages = model.forward_stages(torch.from_numpy(data['x']))
+  for key in STAGES:
+    np.testing.assert_allclose(stages[key].numpy(), data[key], rtol=1e-5, atol=1e-5 * np.abs(data[key]).max())
+
+
+def test_flax_parity_on_fixture(fixture):
+  state, data = fixture
+  variables, report = csfcn.state_dict_to_variables(state, 'csfcn', 19)
+  assert len(report['used']) == 157 and len(report['skipped']) == 29  # num_batches_tracked
+  model = csfcn.build('csfcn', 19)
+  stages = jax.jit(lambda v, x: model.apply(v, x, method='stages'))(variables, data['x'].transpose(0, 2, 3, 1))
+  errs = {k: _rel(np.asarray(stages[k]).transpose(0, 3, 1, 2), data[k]) for k in STAGES}
+  print('CSFCN fixture parity (max rel err):', {k: f'{e:.2e}' for k, e in errs.items()})
+  assert max(errs[k] for k in ('feat8', 'feat16', 'feat32')) <= 1e-5
+  assert max(errs.values()) <= 1e-4
+  agree = np.mean(np.asarray(stages['logits']).argmax(-1) == data['logits'].argmax(1))
+  print(f'argmax agreement {agree:.6f}')
+  assert agree >= 0.999
+  # 4-11% of the fixture's sample points fall outside the map: the zeros padding is exercised.
+  off = data['sfc_offsets']
+  assert np.abs(off[:, :8]).max() > 2.0
+
+
+def _pair(name, k, seed, calib_hw=(64, 96)):
+  torch_mod = ref.build_torch_csfcn(name, k)
+  x = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 3, *calib_hw)).astype(np.float32))
+  ref.randomize_(torch_mod, seed=seed, calibrate=x).eval()
+  variables, _ = csfcn.state_dict_to_variables(torch_mod.state_dict(), name, k)
+  return torch_mod, jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+_stages = jax.jit(lambda model, v, x: model.apply(v, x, method='stages'), static_argnums=0)
+
+
+@pytest.mark.parametrize(
+  'name,k,hw',
+  [
+    ('csfcn', 19, (64, 128)),  # multiple of 32
+    ('csfcn', 11, (368, 480)),  # 368 = 11.5 x 32: odd stride-32 map, overlapping pyramid bins
+    ('csfcn_tiny', 19, (368, 480)),
+    ('csfcn_tiny', 11, (64, 128)),
+    ('csfcn', 19, (90, 124)),  # not a multiple of 8: logits cropped to the input
+    ('csfcn_tiny', 11, (90, 124)),
+  ],
+)
+def test_eval_forward_matches_reference(name, k, hw):
+  torch_mod, variables = _pair(name, k, seed=sum(hw) + k)
+  x = np.random.default_rng(1).standard_normal((1, *hw, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = {key: nhwc(v) for key, v in torch_mod.forward_stages(nchw(x)).items()}
+  got = _stages(csfcn.build(name, k), variables, x)
+  want['logits'] = want['logits'][:, : hw[0], : hw[1]]
+  assert got['logits'].shape == (1, *hw, k) and got['logits'].dtype == jnp.float32
+  # max|a-b| / max|b| per stage. Random weights amplify float32 rounding through the
+  # unscaled attention and the offsets (the module tests check each block at 1e-5).
+  errs = {key: _rel(got[key], want[key]) for key in STAGES}
+  assert max(errs[key] for key in ('feat8', 'feat16', 'feat32')) <= 2e-5, errs
+  assert max(errs.values()) <= 5e-4, errs
+  assert np.mean(np.asarray(got['logits']).argmax(-1) == want['logits'].argmax(-1)) >= 0.999
+  # the offsets reach outside the map at the borders (zeros padding matters)
+  h8, w8 = want['sfc'].shape[1:3]
+  off = want['sfc_offsets'][0, :, :, :8]
+  assert (np.abs(off[:, 0, 0::2]) * (w8 - 1) / (2 * w8) > 1).any()
+
+
+@pytest.mark.parametrize('name', ['csfcn', 'csfcn_tiny'])
+def test_train_forward_updates_running_stats_as_torch(name):
+  torch_mod, variables = _pair(name, 19, seed=5)
+  model = csfcn.build(name, 19)
+  x = np.random.default_rng(2).standard_normal((2, 64, 96, 3)).astype(np.float32)
+  torch_mod.train()
+  with torch.no_grad():
+    want = nhwc(torch_mod(nchw(x)))
+  out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
+  assert _rel(out, want) <= 1e-4
+  after = csfcn.variables_to_state_dict({'params': variables['params'], **updates})
+  torch_state = torch_mod.state_dict()
+  n = 0
+  for key, value in after.items():
+    if key.endswith(('running_mean', 'running_var')):
+      np.testing.assert_allclose(value, torch_state[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+      n += 1
+  assert n == 2 * sum(1 for m in torch_mod.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_pixel_shuffle_matches_torch():
+  x = np.arange(2 * 3 * 5 * 4 * 9, dtype=np.float32).reshape(2, 3, 5, 4 * 9)
+  want = nhwc(torch.nn.functional.pixel_shuffle(nchw(x), 3))
+  np.testing.assert_array_equal(csfcn.pixel_shuffle(jnp.asarray(x), 3), want)
+  # channel c*r*r + i*r + j -> (c, r*h + i, r*w + j)
+  assert csfcn.pixel_shuffle(jnp.asarray(x), 3)[0, 3 * 1 + 2, 3 * 2 + 1, 1] == x[0, 1, 2, 1 * 9 + 2 * 3 + 1]
+
+
+def test_bfloat16_computes_in_bfloat16_and_returns_float32_logits():
+  _, variables = _pair('csfcn_tiny', 19, seed=3)
+  x = np.random.default_rng(4).standard_normal((1, 64, 64, 3)).astype(np.float32)
+  f32 = csfcn.build('csfcn_tiny', 19).apply(variables, x, method='stages')
+  bf16 = csfcn.build('csfcn_tiny', 19, dtype=jnp.bfloat16).apply(variables, x, method='stages')
+  assert all(bf16[k].dtype == jnp.bfloat16 for k in STAGES if k != 'logits')
+  assert bf16['logits'].dtype == jnp.float32 and np.isfinite(np.asarray(bf16['logits'])).all()
+  # bf16 rounding (2^-8) through 9 conv layers; later stages amplify it (random weights)
+  assert _rel(bf16['feat8'].astype(jnp.float32), f32['feat8']) < 0.05
+
+
+def test_build_rejects_unknown_names_and_overrides():
+  with pytest.raises(errors.ConfigError, match='csfcn_tiny'):
+    csfcn.build('csfcn_small', 19)
+  with pytest.raises(errors.ConfigError, match='local_chanels'):
+    csfcn.build('csfcn', 19, local_chanels=3)
+  assert csfcn.build('csfcn', 19, local_channels=32).local_channels == 32
