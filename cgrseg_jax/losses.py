@@ -36,3 +36,43 @@ def segmentation_loss(stride8_logits, labels, ignore_index: int = IGNORE_INDEX):
   """mmseg decode-head loss: resize the head output to the labels, then `cross_entropy`."""
   logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3])
   return cross_entropy(logits, labels, ignore_index)
+
+
+def ohem_cross_entropy(
+  logits,
+  labels,
+  thresh: float = 0.9,
+  min_kept: int = 110_000,
+  ignore_index: int = IGNORE_INDEX,
+):
+  """CSFCN's OHEM cross-entropy (upstream `OhemCrossEntropy2d`), with fixed shapes.
+
+  Over the whole batch: p = softmax probability of each valid pixel's target
+  class (1 for ignored pixels). When there are at least `min_kept` valid pixels,
+  keep those with p <= threshold, where threshold = max(thresh, the
+  `min_kept`-th smallest p); otherwise keep every valid pixel. The loss is the
+  mean cross-entropy over the kept pixels. The k-th smallest value comes from a
+  full sort (static shape under jit). Deviation: a batch with nothing kept gives
+  0 instead of upstream's NaN.
+
+  logits: (N, H, W, K) at the label size (computed in float32); labels (N, H, W).
+  """
+  if logits.shape[:3] != labels.shape:
+    raise ValueError(f'logits {logits.shape} and labels {labels.shape} disagree in (N, H, W)')
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.int32)
+  valid = labels != ignore_index
+  safe = jnp.where(valid, labels, 0)
+  prob = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), safe[..., None], axis=-1)[..., 0]
+  prob = jax.lax.stop_gradient(jnp.where(valid, prob, 1.0))  # selection only; no gradient through it
+  threshold = jnp.float32(thresh)
+  if min_kept > 0:
+    k = min(labels.size, int(min_kept))
+    kth = jnp.sort(prob.reshape(-1))[k - 1]
+    threshold = jnp.where(kth > threshold, kth, threshold)
+  num_valid = jnp.sum(valid)
+  use_ohem = (num_valid >= min_kept) & (num_valid > 0)
+  kept = valid & jnp.where(use_ohem, prob <= threshold, True)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(kept, nll, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
