@@ -174,3 +174,75 @@ def learning_rate(config, step) -> float:
     config.optimizer.lr
     * np.asarray(poly_warmup_factor(step, config.total_steps, s.power, s.warmup_steps, s.warmup_ratio))
   )
+
+
+# --------------------------------------------------------------------------- CSFCN recipe: SGD
+
+
+def warmup_poly_lr(
+  step,
+  base_lr: float,
+  max_iters: int,
+  warmup_iters: int = 2480,
+  warmup_factor: float = 1.0 / 3.0,
+  power: float = 0.9,
+  target_lr: float = 0.0,
+):
+  """CSFCN's `WarmupPolyLR` for the update at 0-based `step`.
+
+  Upstream steps the scheduler before each optimizer step, so update `step`
+  uses the scheduler's epoch T = step + 1:
+    T <  W: factor = warmup_factor (1 - T / W) + T / W           (linear warmup from lr / 3)
+    T >= W: factor = (1 - (T - W) / (max_iters - W)) ** power    (poly; 0 from T = max_iters on)
+  lr = target_lr + (base_lr - target_lr) * factor.
+  """
+  t = jnp.asarray(step, jnp.float32) + 1.0
+  w = float(warmup_iters)
+  if warmup_iters > 0:
+    alpha = t / w
+    warm = warmup_factor * (1.0 - alpha) + alpha
+  else:
+    warm = jnp.float32(1.0)
+  poly = jnp.maximum(1.0 - (t - w) / max(max_iters - warmup_iters, 1), 0.0) ** power
+  factor = jnp.where(t < w, warm, poly)
+  return target_lr + (base_lr - target_lr) * factor
+
+
+def _path_labels(params: Any, frozen: tuple) -> Any:
+  frozen = {tuple(p) for p in frozen}
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: 'frozen' if tuple(k.key for k in path) in frozen else 'train', params
+  )
+
+
+def build_sgd(
+  params: Any,
+  *,
+  lr: float,
+  max_iters: int,
+  momentum: float = 0.9,
+  weight_decay: float = 5e-4,
+  warmup_iters: int = 2480,
+  warmup_factor: float = 1.0 / 3.0,
+  power: float = 0.9,
+  frozen: tuple = (),
+) -> optax.GradientTransformation:
+  """The CSFCN optimizer: `torch.optim.SGD` (momentum, no dampening, coupled
+  weight decay g + wd p, buffer starts at the first gradient) with upstream's
+  two groups: weight decay 0 for 1-D parameters (biases, BN), `weight_decay`
+  for the rest; lr by `warmup_poly_lr`.
+
+  `frozen`: Flax parameter paths that never change (no update, no decay), e.g.
+  `models.csfcn.UPSTREAM_FROZEN` to reproduce upstream, whose `set_optimizer`
+  drops the 3-D Conv1d weights of the context block.
+  """
+  decay_mask = jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+  schedule = lambda i: -warmup_poly_lr(i, lr, max_iters, warmup_iters, warmup_factor, power)
+  train = optax.chain(
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.trace(decay=momentum, nesterov=False),
+    optax.scale_by_schedule(schedule),
+  )
+  if not frozen:
+    return train
+  return optax.multi_transform({'train': train, 'frozen': optax.set_to_zero()}, _path_labels(params, frozen))
