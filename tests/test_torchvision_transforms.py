@@ -68,14 +68,11 @@ def test_pad_crop_pads_with_ignore_and_crops_where_drawn():
   np.testing.assert_array_equal(out['image'], want_img)
   np.testing.assert_array_equal(out['label'], want_lab)
   # every offset in [0, margin] is reachable
-  xs = {
-    int(np.argmax(T.RandomPadCrop((30, 42)).random_map(e, np.random.default_rng(s))['label'] >= 0)) for s in range(1)
-  }
   offsets = set()
   for s in range(80):
     o = T.RandomPadCrop((30, 42)).random_map(e, np.random.default_rng(s))
     offsets.add(next(x for x in range(3) if np.array_equal(o['label'], e['label'][:, x : x + 42])))
-  assert offsets == {0, 1, 2} and xs
+  assert offsets == {0, 1, 2}
 
 
 @pytest.mark.parametrize('sigma', [0.3, 0.7, 0.99])

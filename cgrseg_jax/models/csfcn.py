@@ -16,7 +16,6 @@ OIHW; 2-D kernels (the context block's `Conv1d`s as dense layers) (I, O) <-> (O,
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Mapping, Optional
 
@@ -307,12 +306,7 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
   return state
 
 
-@dataclasses.dataclass(frozen=True)
-class UpstreamFrozen:
-  """Parameters upstream never hands to its optimizer (its `set_optimizer` keeps
-  only 1-D, 2-D and 4-D tensors, so the 3-D Conv1d weights stay at their init)."""
-
-  paths: tuple[tuple[str, ...], ...] = (('cfc', 'key_conv', 'kernel'), ('cfc', 'value_conv', 'kernel'))
-
-
-UPSTREAM_FROZEN = UpstreamFrozen().paths
+# Parameters upstream never hands to its optimizer: its `set_optimizer` keeps only
+# 1-D, 2-D and 4-D tensors, so the context block's 3-D Conv1d weights stay at
+# their init. `optim.build_sgd(..., frozen=UPSTREAM_FROZEN)` reproduces that.
+UPSTREAM_FROZEN = (('cfc', 'key_conv', 'kernel'), ('cfc', 'value_conv', 'kernel'))
