@@ -24,7 +24,7 @@ from cgrseg_jax.models.layers import BatchNorm, ConvBN, conv
 Dtype = Any
 
 # ResNet depths by name (BasicBlock only: the CSFCN family uses ResNet-18).
-DEPTHS = {'resnet18': (2, 2, 2, 2), 'resnet34': (3, 4, 6, 3)}
+DEPTHS = {'resnet18': (2, 2, 2, 2)}
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
