@@ -139,8 +139,8 @@ def test_pixel_shuffle_matches_torch():
 def test_bfloat16_computes_in_bfloat16_and_returns_float32_logits():
   _, variables = _pair('csfcn_tiny', 19, seed=3)
   x = np.random.default_rng(4).standard_normal((1, 64, 64, 3)).astype(np.float32)
-  f32 = csfcn.build('csfcn_tiny', 19).apply(variables, x, method='stages')
-  bf16 = csfcn.build('csfcn_tiny', 19, dtype=jnp.bfloat16).apply(variables, x, method='stages')
+  f32 = _stages(csfcn.build('csfcn_tiny', 19), variables, x)
+  bf16 = _stages(csfcn.build('csfcn_tiny', 19, dtype=jnp.bfloat16), variables, x)
   assert all(bf16[k].dtype == jnp.bfloat16 for k in STAGES if k != 'logits')
   assert bf16['logits'].dtype == jnp.float32 and np.isfinite(np.asarray(bf16['logits'])).all()
   # bf16 rounding (2^-8) through 9 conv layers; later stages amplify it (random weights)

@@ -310,3 +310,16 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
 # 1-D, 2-D and 4-D tensors, so the context block's 3-D Conv1d weights stay at
 # their init. `optim.build_sgd(..., frozen=UPSTREAM_FROZEN)` reproduces that.
 UPSTREAM_FROZEN = (('cfc', 'key_conv', 'kernel'), ('cfc', 'value_conv', 'kernel'))
+
+# What a model registry needs from this family, as plain data and functions.
+FAMILY = dict(
+  names=tuple(VARIANTS),
+  build=build,  # (name, num_classes, dtype=..., **overrides) -> module
+  variable_shapes=variable_shapes,  # (name, num_classes) -> shapes of params / batch_stats
+  detect=detect,  # state dict -> (name, num_classes)
+  state_dict_to_variables=state_dict_to_variables,  # (state, name=None, num_classes=None) -> (variables, report)
+  variables_to_state_dict=variables_to_state_dict,  # variables -> upstream state dict (numpy)
+  backbone_state_dict_to_variables=backbone_state_dict_to_variables,  # ImageNet ResNet -> (variables, report)
+  conversion=CONVERSION,
+  upstream_frozen=UPSTREAM_FROZEN,
+)
