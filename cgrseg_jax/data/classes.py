@@ -454,6 +454,39 @@ CITYSCAPES_PALETTE = np.array(
 )
 
 
+# CamVid in SegNet's 11-class version (the ids of its *annot PNGs; 11 = void)
+# and SegNet's colours.
+CAMVID_CLASSES = (
+  'sky',
+  'building',
+  'pole',
+  'road',
+  'sidewalk',
+  'tree',
+  'signsymbol',
+  'fence',
+  'car',
+  'pedestrian',
+  'bicyclist',
+)
+CAMVID_PALETTE = np.array(
+  [
+    [128, 128, 128],
+    [128, 0, 0],
+    [192, 192, 128],
+    [128, 64, 128],
+    [60, 40, 222],
+    [128, 128, 0],
+    [192, 128, 128],
+    [64, 64, 128],
+    [64, 0, 128],
+    [64, 64, 0],
+    [0, 128, 192],
+  ],
+  dtype=np.uint8,
+)
+
+
 # Synthetic scenes: class 0 is the textured background, the others are shape
 # families (see synthetic.py); names are generic because the count is
 # configurable.
@@ -478,7 +511,7 @@ def voc_colormap(num_classes: int) -> np.ndarray:
   return cmap.astype(np.uint8)
 
 
-def _generated_palette(num_classes: int) -> np.ndarray:
+def generated_palette(num_classes: int) -> np.ndarray:
   # Skip VOC's black entry so no class is drawn like the (black) padding.
   return voc_colormap(num_classes + 1)[1:]
 
@@ -503,4 +536,4 @@ def palette(dataset: str, num_classes: int | None = None) -> np.ndarray:
   """RGB palette ``(num_classes, 3) uint8`` of a named dataset."""
   if dataset.lower() == 'cityscapes':
     return CITYSCAPES_PALETTE.copy()
-  return _generated_palette(len(class_names(dataset, num_classes)))
+  return generated_palette(len(class_names(dataset, num_classes)))

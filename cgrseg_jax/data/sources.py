@@ -6,31 +6,16 @@ Every source is a grain ``RandomAccessDataSource`` (``__len__`` and
 *not* applied here: it is a transform (transforms.py), as in mmseg, and
 ``DatasetInfo.reduce_zero_label`` says whether the pipeline adds it.
 
-Directory layouts (mmseg 0.27, ``make_source(name, root, split)``):
+The datasets, their directory layouts and default roots are registered in
+datasets.py (``make_source(name, root, split)`` builds any of them);
+``custom`` takes its directories, suffixes and classes from the caller (the
+config's ``data.custom``), ``synthetic`` needs no files, ``tfds_ade20k``
+reads TFDS ``scene_parse150`` (optional extra ``pip install -e .[tfds]``).
 
-===================  ==========================================================
-``ade20k``           ``root/images/{training,validation}/*.jpg``,
-                     ``root/annotations/{training,validation}/*.png``
-                     (root = ``.../ADEChallengeData2016``; 150 classes, raw 0
-                     = other, reduce_zero_label)
-``coco_stuff10k``    ``root/images/{train2014,test2014}/*.jpg``,
-                     ``root/annotations/{...}/*_labelTrainIds.png`` (171,
-                     reduce_zero_label as in mmseg's config)
-``coco_stuff164k``   ``root/images/{train2017,val2017}``, same suffixes (171)
-``pascal_context59`` ``root/JPEGImages/*.jpg``,
-                     ``root/SegmentationClassContext/*.png``, split files
-                     ``root/ImageSets/SegmentationContext/{train,val}.txt``
-                     (root = ``.../VOC2010``; 59, reduce_zero_label)
-``cityscapes``       ``root/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``,
-                     ``root/gtFine/{...}/*_gtFine_labelTrainIds.png`` (19)
-``custom``           ``custom_source(img_dir, ann_dir, ...)``: any suffixes,
-                     class names, palette, optional split file
-``tfds_ade20k``      TFDS ``scene_parse150`` via ``tfds.data_source``
-                     (optional extra ``pip install -e .[tfds]``)
-``synthetic``        procedural scenes (synthetic.py), no files needed
-===================  ==========================================================
-
-Split names ``train``/``val`` are mapped to each layout's folder names.
+Labels are read as mmseg reads them: grey PNGs give their values, palette
+PNGs their palette indices, 16-bit PNGs their values (which must fit the
+class range); a dataset's ``label_map`` (CamVid: void 11 -> 255) is applied
+on reading.
 
 Bad input raises ``DataError`` (a ``ValueError``) whose message starts with
 the offending path: at construction for what is cheap to check (missing or
@@ -44,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import zlib
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -51,8 +37,11 @@ import numpy as np
 
 from .. import errors
 from . import classes as class_lists
+from . import datasets
+from .datasets import DATASETS, DatasetInfo, Layout, register  # noqa: F401  (re-exported)
 
 IGNORE_INDEX = 255
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 class DataError(errors.DataError):
@@ -104,23 +93,77 @@ def decode_image(data: bytes, path: str = '<bytes>') -> np.ndarray:
   return image
 
 
+def _png_chunks(data: bytes):
+  """(type, payload) of each chunk of a PNG byte string."""
+  pos = 8
+  while pos + 8 <= len(data):
+    (length,) = struct.unpack('>I', data[pos : pos + 4])
+    kind = data[pos + 4 : pos + 8]
+    yield kind, data[pos + 8 : pos + 8 + length]
+    pos += 12 + length
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+  return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+
+
+def _png_header(data: bytes) -> tuple[int, int] | None:
+  """(bit depth, colour type) of a PNG, None for other formats."""
+  if data[:8] == PNG_SIGNATURE and data[12:16] == b'IHDR' and len(data) >= 26:
+    return data[24], data[25]
+  return None
+
+
+def _palette_as_indices(data: bytes) -> bytes:
+  """The same palette PNG with palette entry i = grey (i, i, i) and no
+  transparency: decoding it gives every pixel's palette index in each
+  channel. mmseg reads palette labels as their indices (Pillow's 'P' mode);
+  OpenCV alone would expand them to colours."""
+  bit_depth = data[24]
+  entries = min(256, 1 << bit_depth)
+  grey = bytes(v for i in range(entries) for v in (i, i, i))
+  out = [PNG_SIGNATURE]
+  for kind, payload in _png_chunks(data):
+    if kind == b'PLTE':
+      payload = grey
+    elif kind == b'tRNS':
+      continue
+    out.append(_png_chunk(kind, payload))
+  return b''.join(out)
+
+
 def decode_label(data: bytes, path: str = '<bytes>') -> np.ndarray:
-  """Decode a single-channel class-id map (uint8 (H, W))."""
+  """Decode a single-channel class-id map (uint8 (H, W)) as mmseg reads it
+  (``LoadAnnotations``: Pillow, 'unchanged'): grey PNGs give their values,
+  palette PNGs their palette indices, 1-bit PNGs 0/1; 16-bit PNGs are read as
+  they are and must hold ids that fit the class range (< 256)."""
   if not data:
     raise DataError(path, 'empty label file')
   _check_complete(path, data)
+  header = _png_header(data)
+  palette = header is not None and header[1] == 3
+  if palette:
+    data = _palette_as_indices(data)
   label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if label is None:
     raise DataError(path, 'not a decodable label image (corrupt or unsupported format)')
+  if palette:
+    label = np.ascontiguousarray(label[..., 0])
+  elif header == (1, 0):  # libpng expands 1-bit grey to 0/255; the ids are 0/1
+    label = (label > 0).astype(np.uint8)
   if label.ndim != 2:
     raise DataError(
       path,
       f'label has {label.shape[2]} channels; expected a single-channel map of '
-      'class ids (palette/colour PNGs must be converted to class-id PNGs first)',
+      'class ids (a grey or palette PNG; colour-coded RGB labels must be converted to class ids first)',
     )
   if label.dtype != np.uint8:
     if label.size and label.max() > 255:
-      raise DataError(path, f'label is {label.dtype} with ids up to {label.max()}; expected uint8 ids')
+      raise DataError(
+        path,
+        f'{label.dtype} label has ids up to {label.max()}; class ids must be below the class count '
+        f'(at most 255) or {IGNORE_INDEX} (ignore)',
+      )
     label = label.astype(np.uint8)
   return label
 
@@ -196,6 +239,7 @@ class SegmentationFiles:
     num_classes: int,
     reduce_zero_label: bool,
     name: str = 'custom',
+    label_lut: np.ndarray | None = None,
   ):
     if len(image_paths) != len(label_paths):
       raise ValueError(f'{len(image_paths)} images but {len(label_paths)} labels')
@@ -204,6 +248,7 @@ class SegmentationFiles:
     self.num_classes = num_classes
     self.reduce_zero_label = reduce_zero_label
     self.name = name
+    self.label_lut = label_lut  # DatasetInfo.label_map as a table (raw id -> id)
 
   def __len__(self) -> int:
     return len(self.image_paths)
@@ -216,6 +261,8 @@ class SegmentationFiles:
     img_path, lbl_path = self.image_paths[index], self.label_paths[index]
     image = read_image(img_path)
     label = read_label(lbl_path)
+    if self.label_lut is not None:
+      label = self.label_lut[label]
     if label.shape != image.shape[:2]:
       raise DataError(lbl_path, f'label size {label.shape} differs from image size {image.shape[:2]} of {img_path}')
     check_label_values(label, self.num_classes, self.reduce_zero_label, lbl_path)
@@ -278,101 +325,34 @@ def paired_files(
   return images, labels
 
 
-# --------------------------------------------------------------- registry
+# --------------------------------------------------------------- builders
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Static facts of a dataset and its mmseg training recipe."""
-
-  name: str
-  num_classes: int
-  reduce_zero_label: bool
-  img_scale: tuple[int, int] = (2048, 512)
-  crop_size: tuple[int, int] = (512, 512)
-  class_names: tuple[str, ...] = ()
-  palette: np.ndarray | None = dataclasses.field(default=None, compare=False)
+def _missing_data_hint(info: DatasetInfo, root: str) -> str:
+  lines = [f'\n  dataset {info.name!r} looked for at root {os.path.abspath(root)}']
+  if info.layout is not None:
+    lines.append(f'  expected layout: {info.layout.describe()}')
+  if info.obtain:
+    lines.append(f'  get it: {info.obtain}')
+  lines.append('  (set --config.data.root=DIR if it is elsewhere; `make demo` trains on generated data and needs no download)')
+  return '\n'.join(lines)
 
 
-def _info(name: str, num_classes: int, rzl: bool, **kw) -> DatasetInfo:
-  names = class_lists.class_names(name, num_classes)
-  return DatasetInfo(name, num_classes, rzl, class_names=names, palette=class_lists.palette(name, num_classes), **kw)
-
-
-DATASETS: dict[str, DatasetInfo] = {
-  'ade20k': _info('ade20k', 150, True),
-  'tfds_ade20k': _info('tfds_ade20k', 150, True),
-  'coco_stuff10k': _info('coco_stuff10k', 171, True),
-  'coco_stuff164k': _info('coco_stuff164k', 171, False),
-  'pascal_context59': _info('pascal_context59', 59, True, img_scale=(520, 520), crop_size=(480, 480)),
-  'cityscapes': _info('cityscapes', 19, False, img_scale=(2048, 1024), crop_size=(512, 1024)),
-  'synthetic': _info('synthetic', 8, False),
-}
-
-_SPLIT_DIRS = {
-  'ade20k': {'train': 'training', 'val': 'validation'},
-  'coco_stuff10k': {'train': 'train2014', 'val': 'test2014', 'test': 'test2014'},
-  'coco_stuff164k': {'train': 'train2017', 'val': 'val2017'},
-  'cityscapes': {'train': 'train', 'val': 'val', 'test': 'test'},
-  'pascal_context59': {'train': 'train', 'val': 'val'},
-}
-
-
-def _split_dir(dataset: str, split: str) -> str:
-  table = _SPLIT_DIRS[dataset]
-  if split in table:
-    return table[split]
-  if split in table.values():
-    return split
-  raise ValueError(f'unknown split {split!r} for {dataset}; expected one of {sorted(table)}')
-
-
-def ade20k_source(root: str, split: str = 'train') -> SegmentationFiles:
-  d = _split_dir('ade20k', split)
-  imgs, lbls = paired_files(
-    os.path.join(root, 'images', d),
-    os.path.join(root, 'annotations', d),
-    img_suffix='.jpg',
-    seg_map_suffix='.png',
+def layout_source(info: DatasetInfo, root: str, split: str = 'train') -> SegmentationFiles:
+  """The files of one split of a registered directory-layout dataset."""
+  paths = info.layout.paths(root, split, info.name)
+  try:
+    imgs, lbls = paired_files(**paths)
+  except DataError as e:  # missing or incomplete: say where the data should be and how to get it
+    raise DataError(e.path, e.problem + _missing_data_hint(info, root)) from None
+  return SegmentationFiles(
+    imgs,
+    lbls,
+    num_classes=info.num_classes,
+    reduce_zero_label=info.reduce_zero_label,
+    name=info.name,
+    label_lut=info.label_lut(),
   )
-  return SegmentationFiles(imgs, lbls, num_classes=150, reduce_zero_label=True, name='ade20k')
-
-
-def coco_stuff_source(root: str, split: str = 'train', variant: str = '10k') -> SegmentationFiles:
-  name = f'coco_stuff{variant}'
-  if name not in _SPLIT_DIRS:
-    raise ValueError(f"COCO-Stuff variant must be '10k' or '164k', got {variant!r}")
-  d = _split_dir(name, split)
-  imgs, lbls = paired_files(
-    os.path.join(root, 'images', d),
-    os.path.join(root, 'annotations', d),
-    img_suffix='.jpg',
-    seg_map_suffix='_labelTrainIds.png',
-  )
-  return SegmentationFiles(imgs, lbls, num_classes=171, reduce_zero_label=DATASETS[name].reduce_zero_label, name=name)
-
-
-def pascal_context_source(root: str, split: str = 'train') -> SegmentationFiles:
-  d = _split_dir('pascal_context59', split)
-  imgs, lbls = paired_files(
-    os.path.join(root, 'JPEGImages'),
-    os.path.join(root, 'SegmentationClassContext'),
-    img_suffix='.jpg',
-    seg_map_suffix='.png',
-    split_file=os.path.join(root, 'ImageSets', 'SegmentationContext', f'{d}.txt'),
-  )
-  return SegmentationFiles(imgs, lbls, num_classes=59, reduce_zero_label=True, name='pascal_context59')
-
-
-def cityscapes_source(root: str, split: str = 'train') -> SegmentationFiles:
-  d = _split_dir('cityscapes', split)
-  imgs, lbls = paired_files(
-    os.path.join(root, 'leftImg8bit', d),
-    os.path.join(root, 'gtFine', d),
-    img_suffix='_leftImg8bit.png',
-    seg_map_suffix='_gtFine_labelTrainIds.png',
-  )
-  return SegmentationFiles(imgs, lbls, num_classes=19, reduce_zero_label=False, name='cityscapes')
 
 
 def custom_source(
@@ -386,30 +366,97 @@ def custom_source(
   seg_map_suffix: str = '.png',
   split_file: str | None = None,
   reduce_zero_label: bool = False,
+  label_map: dict[int, int] | None = None,
 ) -> tuple[SegmentationFiles, DatasetInfo]:
-  """Your own data: labels are single-channel PNGs of class ids (255 =
-  ignore). Returns the source and a ``DatasetInfo`` for the pipeline."""
-  if class_names is not None:
-    class_names = tuple(class_names)
-    if num_classes is not None and num_classes != len(class_names):
-      raise ValueError(f'num_classes={num_classes} but {len(class_names)} class names')
-    num_classes = len(class_names)
-  if num_classes is None:
-    raise ValueError('custom datasets need num_classes or class_names')
-  if not 1 <= num_classes <= 255:
-    raise ValueError(f'num_classes must be in [1, 255], got {num_classes}')
-  names = class_names or tuple(f'class_{i}' for i in range(num_classes))
-  if palette is None:
-    pal = class_lists.voc_colormap(num_classes + 1)[1:]
-  else:
-    pal = np.asarray(palette, dtype=np.uint8)
-    if pal.shape != (num_classes, 3):
-      raise ValueError(f'palette must have shape ({num_classes}, 3), got {pal.shape}')
+  """Your own data: labels are single-channel (grey or palette) PNGs of class
+  ids (255 = ignore). Returns the source and its ``DatasetInfo``."""
+  info = custom_info(
+    num_classes=num_classes,
+    class_names=class_names,
+    palette=palette,
+    reduce_zero_label=reduce_zero_label,
+    label_map=label_map,
+  )
   imgs, lbls = paired_files(
     img_dir, ann_dir, img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, split_file=split_file
   )
-  src = SegmentationFiles(imgs, lbls, num_classes=num_classes, reduce_zero_label=reduce_zero_label, name='custom')
-  return src, DatasetInfo('custom', num_classes, reduce_zero_label, class_names=names, palette=pal)
+  src = SegmentationFiles(
+    imgs,
+    lbls,
+    num_classes=info.num_classes,
+    reduce_zero_label=reduce_zero_label,
+    name='custom',
+    label_lut=info.label_lut(),
+  )
+  return src, info
+
+
+def custom_info(
+  *,
+  num_classes: int | None = None,
+  class_names: Sequence[str] | None = None,
+  palette: np.ndarray | Sequence[Sequence[int]] | None = None,
+  reduce_zero_label: bool = False,
+  label_map: dict[int, int] | None = None,
+) -> DatasetInfo:
+  """The ``DatasetInfo`` of a custom dataset from its class names or count."""
+  if class_names is not None:
+    class_names = tuple(class_names)
+    if num_classes is not None and num_classes != len(class_names):
+      raise errors.ConfigError(f'custom dataset: num_classes={num_classes} but {len(class_names)} class names')
+    num_classes = len(class_names)
+  if num_classes is None:
+    raise errors.ConfigError('custom datasets need class names or a class count (data.custom.class_names / num_classes)')
+  if not 1 <= num_classes <= 255:
+    raise errors.ConfigError(f'custom dataset: num_classes must be in [1, 255], got {num_classes}')
+  pal = None
+  if palette is not None:
+    pal = np.asarray(palette, dtype=np.uint8)
+    if pal.shape != (num_classes, 3):
+      raise errors.ConfigError(f'custom dataset: palette must have shape ({num_classes}, 3), got {pal.shape}')
+  base = datasets.DATASETS['custom']
+  return dataclasses.replace(
+    base,
+    num_classes=num_classes,
+    reduce_zero_label=bool(reduce_zero_label),
+    class_names=class_names or (),
+    palette=pal,
+    label_map=dict(label_map) if label_map else None,
+  )
+
+
+def _custom_builder(
+  info: DatasetInfo, root: str | None, split: str, *, img_dir: str, ann_dir: str, split_file=None, **kwargs
+):
+  """``custom`` from config fields: ``img_dir``/``ann_dir``/``split_file`` may
+  contain ``{split}`` and are relative to ``root`` when one is given."""
+  del info
+
+  def where(p):
+    if p is None:
+      return None
+    p = p.format(split=split)
+    return os.path.join(root, p) if root else p
+
+  return custom_source(where(img_dir), where(ann_dir), split_file=where(split_file), **kwargs)
+
+
+def _synthetic_builder(info: DatasetInfo, root, split: str, **kwargs):
+  del root
+  from . import synthetic  # pylint: disable=import-outside-toplevel
+
+  src = synthetic.SyntheticSegmentation(split=split, **kwargs)
+  info = dataclasses.replace(
+    info,
+    num_classes=src.num_classes,
+    class_names=class_lists.synthetic_classes(src.num_classes),
+    palette=class_lists.palette('synthetic', src.num_classes),
+  )
+  return src, info
+
+
+def _tfds_builder(info: DatasetInfo, root, split: str, **kwargs):
+  return TfdsSource(split, data_dir=root, **kwargs), info
 
 
 class TfdsSource:
@@ -476,42 +523,40 @@ def make_source(
   split: str = 'train',
   **kwargs,
 ) -> tuple[Any, DatasetInfo]:
-  """Build a source by dataset name; returns ``(source, info)``.
+  """Build a source by registered dataset name; returns ``(source, info)``.
 
-  ``kwargs`` go to the specific builder: ``custom`` takes the arguments of
-  ``custom_source`` (``root`` is then unused); ``synthetic`` those of
-  ``synthetic.SyntheticSegmentation`` (``split`` picks a disjoint seed
-  range); ``tfds_ade20k`` those of ``TfdsSource`` (``root`` = data_dir).
+  ``root`` defaults to the dataset's ``default_root`` (the mmseg location).
+  ``kwargs`` go to the dataset's builder: ``custom`` takes those of
+  ``custom_source`` (``img_dir``/``ann_dir`` relative to ``root``, with
+  ``{split}``); ``synthetic`` those of ``synthetic.SyntheticSegmentation``
+  (``split`` picks a disjoint seed range); ``tfds_ade20k`` those of
+  ``TfdsSource`` (``root`` = data_dir).
   """
-  key = dataset.lower()
-  if key == 'custom':
-    return custom_source(**kwargs)
-  if key == 'synthetic':
-    from . import synthetic  # pylint: disable=import-outside-toplevel
-
-    src = synthetic.SyntheticSegmentation(split=split, **kwargs)
-    info = dataclasses.replace(
-      DATASETS['synthetic'],
-      num_classes=src.num_classes,
-      class_names=class_lists.synthetic_classes(src.num_classes),
-      palette=class_lists.palette('synthetic', src.num_classes),
-    )
-    return src, info
-  if key in ('tfds_ade20k', 'scene_parse150'):
-    return TfdsSource(split, data_dir=root, **kwargs), DATASETS['tfds_ade20k']
-  builders: dict[str, Callable[..., SegmentationFiles]] = {
-    'ade20k': ade20k_source,
-    'coco_stuff10k': lambda r, s: coco_stuff_source(r, s, '10k'),
-    'coco_stuff164k': lambda r, s: coco_stuff_source(r, s, '164k'),
-    'pascal_context59': pascal_context_source,
-    'cityscapes': cityscapes_source,
-  }
-  if key not in builders:
-    raise ValueError(
-      f'unknown dataset {dataset!r}; expected one of {sorted(list(builders) + ["custom", "synthetic", "tfds_ade20k"])}'
-    )
-  if root is None:
-    raise ValueError(f'dataset {dataset!r} needs root= (the directory of its mmseg layout)')
+  info = datasets.get(dataset)
+  if info.builder is not None:
+    return info.builder(info, root, split, **kwargs)
   if kwargs:
     raise TypeError(f'unexpected arguments for {dataset!r}: {sorted(kwargs)}')
-  return builders[key](root, split), DATASETS[key]
+  if info.layout is None:
+    raise errors.ConfigError(f'dataset {dataset!r} has neither a layout nor a builder')
+  root = root or info.default_root
+  if root is None:
+    raise errors.ConfigError(f'dataset {dataset!r} needs a root (config.data.root)')
+  return layout_source(info, root, split), info
+
+
+register(DatasetInfo('custom', 1, False, builder=_custom_builder))
+register(
+  DatasetInfo(
+    'synthetic',
+    8,
+    False,
+    class_names=class_lists.synthetic_classes(8),
+    palette=class_lists.palette('synthetic', 8),
+    builder=_synthetic_builder,
+  )
+)
+register(
+  dataclasses.replace(datasets.DATASETS['ade20k'], name='tfds_ade20k', layout=None, builder=_tfds_builder),
+  'scene_parse150',
+)
