@@ -1,4 +1,6 @@
-"""Config -> input pipelines (cgrseg_jax.data), and the one thing the training
+"""Config -> input pipelines (cgrseg_jax.data): the dataset's source from the
+registry (custom and synthetic take their settings from the config), the
+transform lists data.train_pipeline / data.test_pipeline, and the one thing the training
 loop needs on top of them: reading several process shards in one process.
 
 `data.emulate_process_count = n` makes each of the `jax.process_count()` real
@@ -12,12 +14,19 @@ together (grain's orbax handler calls `get_state`/`set_state` on it).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+
 import grain
 import jax
 import numpy as np
 
+from cgrseg_jax import errors
+from cgrseg_jax.data import datasets, sources
 from cgrseg_jax.data import pipeline as dp
+from cgrseg_jax.data import transforms as T
+from cgrseg_jax.data.datasets import DatasetInfo
 
 
 def shard_layout(config) -> tuple[list[int], int]:
@@ -30,16 +39,101 @@ def shard_layout(config) -> tuple[list[int], int]:
   return list(range(p * k, (p + 1) * k)), n
 
 
-def _source_kwargs(config) -> dict:
-  if config.data.dataset != 'synthetic':
-    return {}
-  s = config.data.synthetic
-  return dict(num_classes=s.num_classes, image_size=tuple(s.image_size), seed=config.seed)
+def source_kwargs(config, split: str) -> dict:
+  """What the dataset's source builder takes from the config (custom
+  directories and classes, synthetic scene settings); {} for the others."""
+  d = config.data
+  if d.dataset == 'synthetic':
+    s = d.synthetic
+    return dict(
+      num_classes=s.num_classes,
+      image_size=tuple(s.image_size),
+      seed=config.seed,
+      num_samples=s.num_train if split == 'train' else s.num_val,
+    )
+  if d.dataset == 'custom':
+    c = d.custom
+    if not c.img_dir or not c.ann_dir:
+      raise errors.ConfigError(
+        'data.dataset=custom needs config.data.custom.img_dir and .ann_dir (relative to data.root, '
+        "'{split}' is replaced by the split name); see README, 'Your own data'"
+      )
+    return dict(
+      img_dir=c.img_dir,
+      ann_dir=c.ann_dir,
+      img_suffix=c.img_suffix,
+      seg_map_suffix=c.seg_map_suffix,
+      split_file=c.split_file,
+      class_names=tuple(c.class_names) if c.class_names else None,
+      num_classes=c.num_classes,
+      palette=tuple(tuple(p) for p in c.palette) if c.palette else None,
+      reduce_zero_label=c.reduce_zero_label,
+    )
+  return {}
 
 
-def _synthetic_samples(config, split: str) -> dict:
-  s = config.data.synthetic
-  return dict(num_samples=s.num_train if split == 'train' else s.num_val)
+def dataset_info(config) -> DatasetInfo:
+  """The registry entry of config.data.dataset (custom: from data.custom)."""
+  d = config.data
+  if d.dataset == 'custom':
+    kw = source_kwargs(config, 'train')
+    return sources.custom_info(
+      num_classes=kw['num_classes'],
+      class_names=kw['class_names'],
+      palette=kw['palette'],
+      reduce_zero_label=kw['reduce_zero_label'],
+    )
+  if d.dataset == 'synthetic':
+    return dataclasses.replace(
+      datasets.get('synthetic'),
+      num_classes=d.synthetic.num_classes,
+      class_names=(),
+      palette=None,
+    )
+  return datasets.get(d.dataset)
+
+
+def with_dataset_defaults(config):
+  """The config with model.num_classes taken from the dataset when unset
+  (None); a mismatch between the two is a ConfigError."""
+  n = dataset_info(config).num_classes
+  have = config.model.get('num_classes')
+  if have is None:
+    config = copy.deepcopy(config)
+    config.model.num_classes = n
+  elif int(have) != n:
+    raise errors.ConfigError(
+      f'config.model.num_classes={have} but dataset {config.data.dataset!r} has {n} classes '
+      "(leave model.num_classes unset to take the dataset's)"
+    )
+  return config
+
+
+def _data_values(config) -> dict:
+  """The data-config values transforms use unless their entry sets them."""
+  d = config.data
+  return {
+    'img_scale': tuple(d.img_scale),
+    'crop_size': tuple(d.crop_size),
+    'ignore_index': dataset_info(config).ignore_index,
+    'size_divisor': d.size_divisor,
+  }
+
+
+def test_resize_and_padding(config) -> tuple[tuple[int, int], int]:
+  """(img_scale, size_divisor) of config.data.test_pipeline, which the
+  bucketed evaluation implements (keep-ratio Resize, pad to a multiple)."""
+  img_scale, divisor = tuple(config.data.img_scale), config.data.size_divisor
+  for op in T.build_pipeline(config.data.test_pipeline, _data_values(config)):
+    if isinstance(op, T.Resize):
+      img_scale = tuple(op.img_scale)
+    elif isinstance(op, T.PadToMultiple):
+      divisor = op.size_divisor
+    else:
+      raise errors.ConfigError(
+        f'config.data.test_pipeline: the evaluation supports Resize and PadToMultiple, not {type(op).__name__}'
+      )
+  return img_scale, divisor
 
 
 class ShardedTrainIterator:
@@ -84,9 +178,7 @@ def train_iterator(config) -> ShardedTrainIterator:
   if local_batch * count != config.batch_size:
     raise ValueError(f'config.batch_size={config.batch_size} does not divide over {count} data shards')
   d = config.data
-  kwargs = _source_kwargs(config)
-  if d.dataset == 'synthetic':
-    kwargs.update(_synthetic_samples(config, 'train'))
+  kwargs = source_kwargs(config, 'train')
   its = []
   for s in shards:
     its.append(
@@ -94,16 +186,13 @@ def train_iterator(config) -> ShardedTrainIterator:
         d.dataset,
         root=d.root,
         split=d.train_split,
+        pipeline=d.train_pipeline,
         crop_size=tuple(d.crop_size),
         img_scale=tuple(d.img_scale),
-        ratio_range=tuple(d.ratio_range),
-        cat_max_ratio=d.cat_max_ratio,
         batch_size=local_batch,
         seed=config.seed,
         num_workers=d.workers,
         num_classes=config.model.num_classes,
-        flip_prob=d.flip_prob,
-        photometric=d.photometric,
         shard_index=s,
         shard_count=count,
         worker_buffer=d.prefetch,
@@ -119,10 +208,9 @@ def eval_data(config) -> dp.EvalData:
   n_proc = jax.process_count()
   if config.eval_batch_size % n_proc:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} does not divide over {n_proc} processes')
-  kwargs = _source_kwargs(config)
+  kwargs = source_kwargs(config, 'val')
+  img_scale, size_divisor = test_resize_and_padding(config)
   source = info = None
-  if d.dataset == 'synthetic':
-    kwargs.update(_synthetic_samples(config, 'val'))
   if d.get('eval_max_images'):
     source, info = dp.resolve_source(
       d.dataset, d.root, d.val_split, source_kwargs=kwargs or None, num_classes=config.model.num_classes
@@ -132,9 +220,9 @@ def eval_data(config) -> dp.EvalData:
     d.dataset,
     root=d.root,
     split=d.val_split,
-    img_scale=tuple(d.img_scale),
+    img_scale=img_scale,
     batch_size=config.eval_batch_size // n_proc,
-    size_divisor=d.size_divisor,
+    size_divisor=size_divisor,
     max_buckets=d.eval_max_buckets or None,
     num_workers=0,
     num_classes=config.model.num_classes,

@@ -40,17 +40,9 @@ import numpy as np
 
 from cgrseg_jax import errors
 from cgrseg_jax.data import classes as class_lists
+from cgrseg_jax.data import datasets
 from cgrseg_jax.data import transforms as T
 
-# mmseg's keep-ratio test scales per dataset (dataset configs of mmseg 0.27).
-TEST_SCALES = {
-  'ade20k': (2048, 512),
-  'coco_stuff10k': (2048, 512),
-  'coco_stuff164k': (2048, 512),
-  'pascal_context59': (520, 520),
-  'cityscapes': (2048, 1024),
-  'synthetic': (2048, 512),
-}
 DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -221,7 +213,8 @@ class Segmenter:
     self.variables = jax.device_put(variables)
     self.num_classes = int(model.decode_head.num_classes)
     self.dataset = dataset
-    self.img_scale = tuple(int(s) for s in (img_scale or TEST_SCALES.get(dataset.lower(), (2048, 512))))
+    known = datasets.DATASETS.get(dataset.lower())  # mmseg's keep-ratio test scale of the dataset
+    self.img_scale = tuple(int(s) for s in (img_scale or (known.img_scale if known else (2048, 512))))
     self.size_divisor = int(size_divisor)
     self.bucket_multiple = int(bucket_multiple or size_divisor)
     if self.bucket_multiple % self.size_divisor:

@@ -193,6 +193,7 @@ def train_and_evaluate(
   Raises FloatingPointError on a non-finite loss (no checkpoint is written
   after it, so the last good one stays the latest).
   """
+  config = batches.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
 
@@ -357,6 +358,7 @@ def train_and_evaluate(
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=eval`: evaluate `config.init` (a `.pth` or orbax checkpoint) or,
   if it is 'scratch', the latest checkpoint in `<workdir>/checkpoints`."""
+  config = batches.with_dataset_defaults(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   repl = NamedSharding(mesh, P())

@@ -1,5 +1,6 @@
-"""CGRSeg-T on Cityscapes (19 classes), mmseg 0.27 `cityscapes.py` dataset settings:
-img_scale (2048, 1024), crop 512x1024, no reduce_zero_label, cat_max_ratio 0.75.
+"""CGRSeg-T on Cityscapes (19 classes), mmseg 0.27 `cityscapes.py` dataset settings
+(from the dataset registry): img_scale (2048, 1024), crop 512x1024, no
+reduce_zero_label, cat_max_ratio 0.75.
 
 Assumptions: the CGRSeg repo ships no Cityscapes config; we keep the ADE20K
 optimiser and schedule length (160k, batch 16) and mmseg's dataset pipeline.
@@ -11,9 +12,4 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.data.dataset = 'cityscapes'
-  c.data.img_scale = (2048, 1024)
-  c.data.crop_size = (512, 1024)
-  c.model.num_classes = 19
-  return c
+  return default.get_config('cityscapes')

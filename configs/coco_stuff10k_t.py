@@ -1,6 +1,6 @@
 """CGRSeg-T on COCO-Stuff-10k (171 classes), mmseg 0.27 `coco-stuff10k.py` dataset
-settings: img_scale (2048, 512), crop 512, reduce_zero_label (applied by the data
-source's dataset info), cat_max_ratio 0.75.
+settings (from the dataset registry): img_scale (2048, 512), crop 512,
+reduce_zero_label, cat_max_ratio 0.75.
 
 Assumption: the paper reports COCO-Stuff-10k with the ADE20K optimiser settings;
 the schedule length is not in the upstream repo, we use mmseg's 80k schedule
@@ -11,8 +11,6 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.data.dataset = 'coco_stuff10k'
-  c.model.num_classes = 171
+  c = default.get_config('coco_stuff10k')
   c.total_steps = 80_000
   return c

@@ -12,24 +12,33 @@ loads `batch_size / jax.process_count()` examples per step.
 import ml_collections
 from ml_collections import config_dict
 
+from cgrseg_jax.data import datasets, sources, transforms  # noqa: F401  (sources registers custom/synthetic)
 
-def get_config():
+
+def get_config(dataset: str = 'ade20k'):
+  """The upstream recipe for `dataset`; its numbers (classes, scales, crop,
+  root) come from the dataset registry (cgrseg_jax/data/datasets.py)."""
+  info = datasets.get(dataset)
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # ---- data (mmseg 0.27 ADE20K pipeline)
+  # ---- data (mmseg 0.27 pipeline; the dataset's facts from the registry)
   c.data = ml_collections.ConfigDict()
-  c.data.dataset = 'ade20k'  # ade20k | coco_stuff10k | pascal_context59 | cityscapes | synthetic | custom
-  c.data.root = config_dict.placeholder(str)  # the mmseg layout root, e.g. data/ade/ADEChallengeData2016
+  c.data.dataset = dataset  # a registered name: ade20k | coco_stuff10k | pascal_context59 | cityscapes | camvid | synthetic | custom ...
+  # The mmseg layout root (default: where mmseg keeps it, e.g. data/ade/ADEChallengeData2016).
+  c.data.root = ml_collections.FieldReference(info.default_root, field_type=str)
   c.data.train_split = 'train'
   c.data.val_split = 'val'
-  c.data.img_scale = (2048, 512)  # Resize img_scale (keep ratio), train and test
-  c.data.ratio_range = (0.5, 2.0)  # train-time random rescale
-  c.data.crop_size = (512, 512)  # RandomCrop, then Pad to this size
-  c.data.cat_max_ratio = 0.75
-  c.data.flip_prob = 0.5
-  c.data.photometric = True  # PhotoMetricDistortion
-  c.data.size_divisor = 32  # test-time padding
+  c.data.img_scale = info.img_scale  # keep-ratio Resize scale, train (base of the random ratio) and test
+  c.data.crop_size = info.crop_size  # RandomCrop, then Pad to this size
+  c.data.size_divisor = 32  # test-time padding (PadToMultiple)
+  # Transforms after loading, mmseg style: ('Name', {kwargs}) resolved through
+  # the registry of cgrseg_jax/data/transforms.py (@register). Arguments an
+  # entry leaves out come from the fields above (img_scale, crop_size,
+  # size_divisor) or the dataset (ignore_index); reduce_zero_label is added
+  # from the dataset; normalisation runs on the device.
+  c.data.train_pipeline = transforms.DEFAULT_TRAIN_PIPELINE
+  c.data.test_pipeline = transforms.DEFAULT_TEST_PIPELINE
   c.data.workers = 4  # grain worker processes per host (0 = in-process)
   c.data.prefetch = 2  # batches buffered per worker
   c.data.eval_max_images = config_dict.placeholder(int)  # evaluate on the first N val images only
@@ -47,6 +56,18 @@ def get_config():
   c.data.synthetic.num_train = 2000
   c.data.synthetic.num_val = 100
   c.data.synthetic.image_size = (512, 683)
+  # Your own data (`dataset='custom'`, README "Your own data"): directories
+  # relative to data.root, '{split}' replaced by train_split / val_split.
+  c.data.custom = ml_collections.ConfigDict()
+  c.data.custom.img_dir = config_dict.placeholder(str)  # e.g. 'images/{split}'
+  c.data.custom.ann_dir = config_dict.placeholder(str)  # e.g. 'annotations/{split}'
+  c.data.custom.img_suffix = '.jpg'
+  c.data.custom.seg_map_suffix = '.png'
+  c.data.custom.split_file = config_dict.placeholder(str)  # e.g. 'splits/{split}.txt' (one stem per line)
+  c.data.custom.class_names = config_dict.placeholder(tuple)  # or num_classes
+  c.data.custom.num_classes = config_dict.placeholder(int)
+  c.data.custom.palette = config_dict.placeholder(tuple)  # ((r, g, b), ...) per class; default generated
+  c.data.custom.reduce_zero_label = False  # label 0 = 'other' -> ignored, ids shift down by one
 
   c.batch_size = 16  # global: 4 GPUs x 4 upstream
   c.eval_batch_size = 1  # global; whole-image test uses 1 image per device step
@@ -55,7 +76,8 @@ def get_config():
   # ---- model
   c.model = ml_collections.ConfigDict()
   c.model.variant = 't'  # t | b | l | tiny (tests)
-  c.model.num_classes = 150
+  # None: the dataset's class count, filled in when the run starts (custom data).
+  c.model.num_classes = ml_collections.FieldReference(None if dataset == 'custom' else info.num_classes, field_type=int)
   c.model.drop_path_rate = config_dict.placeholder(float)  # None: the variant's upstream rate
   c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
 

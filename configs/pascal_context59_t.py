@@ -1,5 +1,6 @@
-"""CGRSeg-T on Pascal Context 59, mmseg 0.27 `pascal_context_59.py` dataset settings:
-img_scale (520, 520), crop 480x480, reduce_zero_label, cat_max_ratio 0.75.
+"""CGRSeg-T on Pascal Context 59, mmseg 0.27 `pascal_context_59.py` dataset settings
+(from the dataset registry): img_scale (520, 520), crop 480x480,
+reduce_zero_label, cat_max_ratio 0.75.
 
 Assumption: mmseg's Pascal Context configs train 80k iterations with batch 16;
 the CGRSeg repo ships no Pascal Context config, so we keep the ADE20K optimiser
@@ -11,10 +12,6 @@ from configs import default
 
 
 def get_config():
-  c = default.get_config()
-  c.data.dataset = 'pascal_context59'
-  c.data.img_scale = (520, 520)
-  c.data.crop_size = (480, 480)
-  c.model.num_classes = 59
+  c = default.get_config('pascal_context59')
   c.total_steps = 80_000
   return c

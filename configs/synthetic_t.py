@@ -9,15 +9,17 @@ warmup for the short schedule.
 from configs import default
 
 
+from cgrseg_jax.data import transforms
+
+
 def get_config():
-  c = default.get_config()
-  c.data.dataset = 'synthetic'
+  c = default.get_config('synthetic')
   c.data.synthetic.num_classes = 5
   c.data.synthetic.num_train = 4000
   c.data.synthetic.num_val = 100
   c.data.synthetic.image_size = (128, 160)
   c.data.img_scale = (160, 128)
-  c.data.ratio_range = (0.75, 1.5)
+  c.data.train_pipeline = transforms.default_train_pipeline(ratio_range=(0.75, 1.5))
   c.data.crop_size = (128, 128)
   c.data.workers = 0
   c.model.variant = 't'

@@ -98,7 +98,9 @@ class DatasetInfo:
 
   def __post_init__(self):
     if self.class_names and len(self.class_names) != self.num_classes:
-      raise errors.ConfigError(f'dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes')
+      raise errors.ConfigError(
+        f'dataset {self.name!r}: {len(self.class_names)} class names for {self.num_classes} classes'
+      )
     if not self.class_names:
       object.__setattr__(self, 'class_names', tuple(f'class_{i}' for i in range(self.num_classes)))
     if self.palette is None:
@@ -144,7 +146,9 @@ def _named(name: str, num_classes: int, rzl: bool, **kw) -> DatasetInfo:
   )
 
 
-_ADE = 'mmseg layout of ADEChallengeData2016.zip from http://data.csail.mit.edu/places/ADEchallenge/ (unzip into data/ade/)'
+_ADE = (
+  'mmseg layout of ADEChallengeData2016.zip from http://data.csail.mit.edu/places/ADEchallenge/ (unzip into data/ade/)'
+)
 register(
   _named(
     'ade20k',
@@ -195,9 +199,7 @@ register(
     True,
     img_scale=(520, 520),
     crop_size=(480, 480),
-    layout=Layout(
-      'JPEGImages', 'SegmentationClassContext', split_file='ImageSets/SegmentationContext/{split}.txt'
-    ),
+    layout=Layout('JPEGImages', 'SegmentationClassContext', split_file='ImageSets/SegmentationContext/{split}.txt'),
     default_root='data/VOCdevkit/VOC2010',
     obtain='VOCtrainval_03-May-2010.tar (http://host.robots.ox.ac.uk/pascal/VOC/voc2010/) into data/ and '
     'trainval_merged.json (https://codalabuser.blob.core.windows.net/public/trainval_merged.json), then: '

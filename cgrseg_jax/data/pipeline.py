@@ -187,17 +187,13 @@ def make_train_dataset(
   root: str | None = None,
   split: str = 'train',
   *,
+  pipeline: Sequence | None = None,
   crop_size: Sequence[int] | None = None,
   img_scale: Sequence[int] | None = None,
-  ratio_range: Sequence[float] = (0.5, 2.0),
-  cat_max_ratio: float = 0.75,
   batch_size: int = 8,
   seed: int = 0,
   num_workers: int = 0,
   num_classes: int | None = None,
-  ignore_index: int = IGNORE_INDEX,
-  flip_prob: float = 0.5,
-  photometric: bool = True,
   num_epochs: int | None = None,
   skip_bad_samples: bool = False,
   shard_index: int | None = None,
@@ -207,13 +203,21 @@ def make_train_dataset(
   source=None,
   info: sources_lib.DatasetInfo | None = None,
   source_kwargs: Mapping[str, Any] | None = None,
+  **default_pipeline_options,
 ) -> grain.IterDataset:
   """The mmseg training pipeline as a grain ``IterDataset`` of batches.
 
   Args:
     dataset, root, split: see ``sources.make_source`` (``source``/``info``
       may be given instead; ``source_kwargs`` go to the builder).
-    crop_size, img_scale: default to the dataset's mmseg recipe.
+    pipeline: the transforms after loading, as config entries
+      ``('Name', {kwargs})`` (``transforms.build_pipeline``); default
+      ``transforms.DEFAULT_TRAIN_PIPELINE`` (mmseg's ADE20K pipeline), whose
+      options ``ratio_range``, ``cat_max_ratio``, ``flip_prob`` and
+      ``photometric`` may be passed as keywords. The dataset's
+      ``reduce_zero_label`` is prepended, as mmseg's ``LoadAnnotations`` does.
+    crop_size, img_scale: what transforms use unless their entry sets it;
+      default to the dataset's mmseg recipe.
     batch_size: per process.
     seed: shuffling and augmentation seed.
     num_workers: grain worker processes (0 = read in this process with
@@ -223,8 +227,16 @@ def make_train_dataset(
       ``jax.process_count()``.
   """
   source, info = resolve_source(dataset, root, split, source, info, source_kwargs, num_classes)
-  crop_size = tuple(crop_size or info.crop_size)
-  img_scale = tuple(img_scale or info.img_scale)
+  if pipeline is None:
+    pipeline = T.default_train_pipeline(**default_pipeline_options)
+  elif default_pipeline_options:
+    raise TypeError(f'{sorted(default_pipeline_options)} only adjust the default pipeline; set them in pipeline=')
+  data = {
+    'crop_size': tuple(crop_size or info.crop_size),
+    'img_scale': tuple(img_scale or info.img_scale),
+    'ignore_index': info.ignore_index,
+  }
+  ops = ([T.ReduceZeroLabel()] if info.reduce_zero_label else []) + T.build_pipeline(pipeline, data)
   shard_index, shard_count = _process_shard(shard_index, shard_count)
   n = len(source)
   per_shard = n // shard_count
@@ -236,16 +248,6 @@ def make_train_dataset(
   ds = ds.shuffle(seed=_op_seed(seed, 0, 0))  # stream 0: same permutation on every process
   ds = ds[: per_shard * shard_count][shard_index::shard_count]
   ds = ds.repeat(num_epochs)
-  ops = T.train_transforms(
-    crop_size=crop_size,
-    img_scale=img_scale,
-    ratio_range=tuple(ratio_range),
-    cat_max_ratio=cat_max_ratio,
-    flip_prob=flip_prob,
-    photometric=photometric,
-    reduce_zero_label=info.reduce_zero_label,
-    ignore_index=ignore_index,
-  )
   for k, op in enumerate(ops):
     if isinstance(op, grain.transforms.RandomMap):
       ds = ds.random_map(op, seed=_op_seed(seed, shard_index + 1, k + 1))
@@ -464,19 +466,21 @@ def normalize_image(
   bgr_to_rgb: bool = True,
   dtype=jnp.float32,
 ) -> jax.Array:
-  """uint8 ``(B, H, W, 3)`` -> normalised RGB, mmcv ``imnormalize``
-  arithmetic (float32 ``(x - mean) * (1 / std)``; ``mean``/``std`` are RGB).
+  """uint8 ``(B, H, W, 3)`` -> normalised RGB, bit-identical to mmcv
+  ``imnormalize`` (``mean``/``std`` are RGB): a lookup in the 256-entry
+  per-channel table of ``transforms.normalize_table``.
 
   With ``valid_hw`` ``(B, 2)``, pixels at rows >= h or columns >= w (the
   right/bottom padding) are exactly 0, as in mmseg where padding follows
   normalisation. Pass ``bgr_to_rgb=False`` for RGB input.
   """
-  x = image.astype(jnp.float32)
   if bgr_to_rgb:
-    x = x[..., ::-1]
-  mean32 = jnp.asarray(np.asarray(mean, np.float32))
-  stdinv32 = jnp.asarray((1.0 / np.asarray(std, np.float64)).astype(np.float32))
-  x = (x - mean32) * stdinv32
+    image = image[..., ::-1]
+  table = T.normalize_table(mean, std)  # (256, C), built on the host at trace time
+  channels = table.shape[1]
+  flat = jnp.asarray(table.T.reshape(-1))  # channel c, value v at c * 256 + v
+  index = image.astype(jnp.int32) + jnp.arange(channels, dtype=jnp.int32) * 256
+  x = jnp.take(flat, index)
   if valid_hw is not None:
     h, w = x.shape[-3], x.shape[-2]
     vh = valid_hw[..., 0][..., None, None]

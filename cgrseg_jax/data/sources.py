@@ -334,7 +334,9 @@ def _missing_data_hint(info: DatasetInfo, root: str) -> str:
     lines.append(f'  expected layout: {info.layout.describe()}')
   if info.obtain:
     lines.append(f'  get it: {info.obtain}')
-  lines.append('  (set --config.data.root=DIR if it is elsewhere; `make demo` trains on generated data and needs no download)')
+  lines.append(
+    '  (set --config.data.root=DIR if it is elsewhere; `make demo` trains on generated data and needs no download)'
+  )
   return '\n'.join(lines)
 
 
@@ -406,7 +408,9 @@ def custom_info(
       raise errors.ConfigError(f'custom dataset: num_classes={num_classes} but {len(class_names)} class names')
     num_classes = len(class_names)
   if num_classes is None:
-    raise errors.ConfigError('custom datasets need class names or a class count (data.custom.class_names / num_classes)')
+    raise errors.ConfigError(
+      'custom datasets need class names or a class count (data.custom.class_names / num_classes)'
+    )
   if not 1 <= num_classes <= 255:
     raise errors.ConfigError(f'custom dataset: num_classes must be in [1, 255], got {num_classes}')
   pal = None

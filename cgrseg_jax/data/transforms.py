@@ -35,14 +35,88 @@ Exactness notes (mmcv 1.x):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import cv2
 import grain
 import numpy as np
 
+from .. import errors
+
 IGNORE_INDEX = 255
 Element = dict[str, Any]
+
+# ---------------------------------------------------------------- registry
+
+TRANSFORMS: dict[str, type] = {}
+
+
+def register(cls: type | None = None, *, name: str | None = None):
+  """Class decorator: make a transform available to config pipelines
+  (``data.train_pipeline`` / ``data.test_pipeline``) under its class name.
+
+  A transform is a frozen dataclass deriving from ``grain.transforms.Map``
+  (``map(element)``) or ``RandomMap`` (``random_map(element, rng)``; one draw
+  drives image and label). Its class attribute ``from_data`` maps fields to
+  data-config values (``img_scale``, ``crop_size``, ``ignore_index``,
+  ``size_divisor``) used when the pipeline entry does not set them.
+  """
+
+  def add(c: type) -> type:
+    key = name or c.__name__
+    if key in TRANSFORMS and TRANSFORMS[key] is not c:
+      raise ValueError(f'transform {key!r} is already registered ({TRANSFORMS[key].__module__})')
+    TRANSFORMS[key] = c
+    return c
+
+  return add(cls) if cls is not None else add
+
+
+def _entry(entry) -> tuple[str, dict]:
+  """``'Name'``, ``('Name',)`` or ``('Name', {kwargs})`` -> (name, kwargs)."""
+  if isinstance(entry, str):
+    return entry, {}
+  if isinstance(entry, (tuple, list)) and 1 <= len(entry) <= 2 and isinstance(entry[0], str):
+    kwargs = dict(entry[1]) if len(entry) == 2 and entry[1] is not None else {}
+    return entry[0], kwargs
+  raise errors.ConfigError(f"pipeline entry {entry!r}: expected 'Name' or ('Name', {{kwargs}})")
+
+
+def _frozen(value):
+  # Config values arrive as lists (JSON, command line); dataclass fields
+  # hold tuples so the transforms stay hashable and comparable.
+  if isinstance(value, (list, tuple)):
+    return tuple(_frozen(v) for v in value)
+  return value
+
+
+def build_transform(entry, data: Mapping[str, Any] | None = None):
+  """One pipeline entry -> a transform object (see ``register``)."""
+  name, kwargs = _entry(entry)
+  if name not in TRANSFORMS:
+    raise errors.ConfigError(f'unknown transform {name!r} in pipeline; registered: {sorted(TRANSFORMS)}')
+  cls = TRANSFORMS[name]
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise errors.ConfigError(f'transform {name!r} has no argument(s) {unknown}; it takes {sorted(fields)}')
+  for field, key in getattr(cls, 'from_data', {}).items():
+    if field not in kwargs and data is not None and data.get(key) is not None:
+      kwargs[field] = data[key]
+  return cls(**{k: _frozen(v) for k, v in kwargs.items()})
+
+
+def build_pipeline(entries: Sequence, data: Mapping[str, Any] | None = None) -> list:
+  """A config pipeline (sequence of entries) -> transform objects."""
+  return [build_transform(e, data) for e in entries]
+
+
+# mmseg's test pipeline after loading; normalisation runs on the device
+# (pipeline.normalize_image).
+DEFAULT_TEST_PIPELINE = (
+  ('Resize', {}),
+  ('PadToMultiple', {}),
+)
 
 
 # ---------------------------------------------------------------- geometry
@@ -87,6 +161,7 @@ def sample_ratio_scale(
   return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class ReduceZeroLabel(grain.transforms.Map):
   """0 (``other``) -> 255, every other id -> id - 1; 255 stays 255."""
@@ -105,9 +180,12 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
   return lut[label]
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomResize(grain.transforms.RandomMap):
   """mmseg ``Resize(img_scale, ratio_range, keep_ratio=True)`` for training."""
+
+  from_data: ClassVar[dict[str, str]] = {'img_scale': 'img_scale'}
 
   img_scale: tuple[int, int] = (2048, 512)
   ratio_range: tuple[float, float] = (0.5, 2.0)
@@ -117,10 +195,13 @@ class RandomResize(grain.transforms.RandomMap):
     return resize_keep_ratio(element, scale)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Resize(grain.transforms.Map):
   """Test-time keep-ratio resize of the image only (the metric uses the
   original-size label)."""
+
+  from_data: ClassVar[dict[str, str]] = {'img_scale': 'img_scale'}
 
   img_scale: tuple[int, int] = (2048, 512)
 
@@ -145,6 +226,7 @@ def crop_is_balanced(label: np.ndarray, cat_max_ratio: float, ignore_index: int 
   return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomCrop(grain.transforms.RandomMap):
   """mmseg ``RandomCrop(crop_size, cat_max_ratio, ignore_index)``.
@@ -157,6 +239,7 @@ class RandomCrop(grain.transforms.RandomMap):
   crop_size: tuple[int, int] = (512, 512)
   cat_max_ratio: float = 0.75
   ignore_index: int = IGNORE_INDEX
+  from_data: ClassVar[dict[str, str]] = {'crop_size': 'crop_size', 'ignore_index': 'ignore_index'}
 
   def random_map(self, element: Element, rng: np.random.Generator) -> Element:
     image, label = element['image'], element['label']
@@ -174,6 +257,7 @@ class RandomCrop(grain.transforms.RandomMap):
     return out
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomFlip(grain.transforms.RandomMap):
   """Horizontal flip of image and label with probability ``prob``."""
@@ -224,6 +308,7 @@ def adjust_hue(image_bgr: np.ndarray, delta: int) -> np.ndarray:
   return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class PhotoMetricDistortion(grain.transforms.RandomMap):
   """mmseg ``PhotoMetricDistortion`` with its draw order:
@@ -321,6 +406,7 @@ def size_to_multiple(hw: Sequence[int], divisor: int) -> tuple[int, int]:
   return tuple(int(-(-int(x) // divisor) * divisor) for x in hw)  # type: ignore[return-value]
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Pad(grain.transforms.Map):
   """mmseg ``Pad(size=crop_size, pad_val=0, seg_pad_val=255)``."""
@@ -328,9 +414,26 @@ class Pad(grain.transforms.Map):
   size: tuple[int, int] = (512, 512)
   pad_val: int = 0
   seg_pad_val: int = IGNORE_INDEX
+  from_data: ClassVar[dict[str, str]] = {'size': 'crop_size', 'seg_pad_val': 'ignore_index'}
 
   def map(self, element: Element) -> Element:
     return pad_to_shape(element, self.size, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PadToMultiple(grain.transforms.Map):
+  """mmseg test-time ``Pad(size_divisor=32)``: pad right/bottom to the next
+  multiple (image with 0; the label, if any, with ``seg_pad_val``)."""
+
+  size_divisor: int = 32
+  pad_val: int = 0
+  seg_pad_val: int = IGNORE_INDEX
+  from_data: ClassVar[dict[str, str]] = {'size_divisor': 'size_divisor', 'seg_pad_val': 'ignore_index'}
+
+  def map(self, element: Element) -> Element:
+    shape = size_to_multiple(element['image'].shape[:2], self.size_divisor)
+    return pad_to_shape(element, shape, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
 
 
 # ----------------------------------------------------- host normalisation
@@ -340,40 +443,67 @@ MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
 
+def normalize_table(mean=MEAN_RGB, std=STD_RGB) -> np.ndarray:
+  """``(256, C)`` float32: the normalised value of every uint8 value per
+  channel, computed with mmcv ``imnormalize``'s operations: the image is
+  float32, ``cv2.subtract`` of the mean rounds the mean to float32 and
+  subtracts in float32, ``cv2.multiply`` by ``1 / std`` (float64) computes in
+  float64 and rounds to float32 (which equals ``(x - mean) / std`` with the
+  division in float64). A uint8 image has only 256 values per channel, so a
+  table lookup reproduces it bit for bit on any backend."""
+  values = np.arange(256, dtype=np.float32)[:, None]
+  centred = values - np.asarray(mean, np.float64).astype(np.float32)[None, :]
+  return (centred.astype(np.float64) / np.asarray(std, np.float64)[None, :]).astype(np.float32)
+
+
 def normalize_numpy(image_bgr: np.ndarray, mean=MEAN_RGB, std=STD_RGB, to_rgb: bool = True) -> np.ndarray:
-  """Host-side mmcv ``imnormalize`` (BGR -> RGB, (x - mean) / std), float32.
+  """Host-side mmcv ``imnormalize`` (BGR -> RGB, (x - mean) / std), float32,
+  bit-identical to mmcv (see ``normalize_table``).
 
   The pipeline normalises on the device instead (``normalize_image`` in
   pipeline.py); this is for tools and tests that want the mmseg tensor.
   """
   img = image_bgr[..., ::-1] if to_rgb else image_bgr
-  mean = np.asarray(mean, dtype=np.float64)
-  stdinv = 1.0 / np.asarray(std, dtype=np.float64)
-  return ((img.astype(np.float64) - mean) * stdinv).astype(np.float32)
+  table = normalize_table(mean, std)
+  return table[img.astype(np.intp), np.arange(table.shape[1])]
+
+
+def default_train_pipeline(
+  *,
+  ratio_range: tuple[float, float] = (0.5, 2.0),
+  cat_max_ratio: float = 0.75,
+  flip_prob: float = 0.5,
+  photometric: bool = True,
+) -> tuple:
+  """``DEFAULT_TRAIN_PIPELINE`` with its common options changed."""
+  entries = [
+    ('RandomResize', {'ratio_range': tuple(ratio_range)}),
+    ('RandomCrop', {'cat_max_ratio': cat_max_ratio}),
+    ('RandomFlip', {'prob': flip_prob}),
+  ]
+  if photometric:
+    entries.append(('PhotoMetricDistortion', {}))
+  entries.append(('Pad', {}))
+  return tuple(entries)
+
+
+# mmseg 0.27's ADE20K training pipeline after loading (reduce_zero_label is
+# added from the dataset, normalisation runs on the device:
+# pipeline.normalize_image).
+DEFAULT_TRAIN_PIPELINE = default_train_pipeline()
 
 
 def train_transforms(
   *,
   crop_size: tuple[int, int] = (512, 512),
   img_scale: tuple[int, int] = (2048, 512),
-  ratio_range: tuple[float, float] = (0.5, 2.0),
-  cat_max_ratio: float = 0.75,
-  flip_prob: float = 0.5,
-  photometric: bool = True,
   reduce_zero_label: bool = False,
   ignore_index: int = IGNORE_INDEX,
+  **options,
 ) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
   """The mmseg 0.27 training pipeline after loading (without Normalize,
-  which runs on the device)."""
-  ops: list = []
-  if reduce_zero_label:
-    ops.append(ReduceZeroLabel())
-  ops += [
-    RandomResize(tuple(img_scale), tuple(ratio_range)),
-    RandomCrop(tuple(crop_size), cat_max_ratio, ignore_index),
-    RandomFlip(flip_prob),
-  ]
-  if photometric:
-    ops.append(PhotoMetricDistortion())
-  ops.append(Pad(tuple(crop_size), 0, ignore_index))
-  return ops
+  which runs on the device) as transform objects; ``options`` as in
+  ``default_train_pipeline``."""
+  data = {'crop_size': crop_size, 'img_scale': img_scale, 'ignore_index': ignore_index}
+  ops = build_pipeline(default_train_pipeline(**options), data)
+  return ([ReduceZeroLabel()] if reduce_zero_label else []) + ops
