@@ -2,12 +2,14 @@
 
 Writes synthetic 512x683 scenes in the ADEChallengeData2016 layout (JPEG
 images, PNG labels) to a temporary directory, then measures images/s of
-``make_train_iterator("ade20k", ...)`` (decode, reduce_zero_label, random
-resize, cat_max_ratio crop, flip, photometric distortion, pad, batch) with 1
+``make_train_iterator("ade20k", ...)`` (decode, reduce_zero_label, then the
+default data.train_pipeline: random resize, cat_max_ratio crop, flip,
+photometric distortion, pad; batch) with 1
 and 2 grain worker processes, plus a bare single-process loop of the same
 steps for reference.
 
     python scripts/benchmark_data.py [--output=FILE.json] [--num-images=N]
+    python scripts/benchmark_data.py --num-images=8 --seconds=1 --workers=0   # smoke run
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ import time
 import cv2
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-
-from cgrseg_jax.data import pipeline as dp  # noqa: E402
-from cgrseg_jax.data import sources, transforms  # noqa: E402
-from cgrseg_jax.data.synthetic import SyntheticSegmentation  # noqa: E402
+from cgrseg_jax.data import pipeline as dp
+from cgrseg_jax.data import sources, transforms
+from cgrseg_jax.data.synthetic import SyntheticSegmentation
 
 
 def measure_pipeline(root: str, workers: int, batch_size: int, seconds: float, warmup_batches: int) -> float:
@@ -45,8 +45,9 @@ def measure_pipeline(root: str, workers: int, batch_size: int, seconds: float, w
 
 def measure_bare_loop(root: str, seconds: float) -> float:
   """The same steps in a plain loop: no grain, one process."""
-  src = sources.ade20k_source(root, 'train')
-  ops = transforms.train_transforms(reduce_zero_label=True)
+  src, info = sources.make_source('ade20k', root, 'train')
+  data = {'img_scale': info.img_scale, 'crop_size': info.crop_size, 'ignore_index': info.ignore_index}
+  ops = [transforms.ReduceZeroLabel()] + transforms.build_pipeline(transforms.DEFAULT_TRAIN_PIPELINE, data)
   rng = np.random.default_rng(0)
   n, start = 0, time.perf_counter()
   while time.perf_counter() - start < seconds:

@@ -1,7 +1,9 @@
-"""Input pipeline: sources (directory layouts, TFDS, synthetic), mmseg 0.27
-transforms and grain train/eval pipelines. See pipeline.py for the API the
-training code uses."""
+"""Input pipeline: the dataset registry (datasets.py), sources (directory
+layouts, custom, TFDS, synthetic), mmseg 0.27 transforms registered by name
+(transforms.py), grain train/eval pipelines and dataset converters. See
+pipeline.py for the API the training code uses."""
 
+from .datasets import DATASETS, DatasetInfo, Layout, register
 from .pipeline import (
   EvalData,
   iterator_restore_args,
@@ -12,13 +14,14 @@ from .pipeline import (
   make_train_iterator,
   normalize_image,
 )
-from .sources import DATASETS, DataError, DatasetInfo, make_source
+from .sources import DataError, make_source
 
 __all__ = [
   'DATASETS',
   'DataError',
   'DatasetInfo',
   'EvalData',
+  'Layout',
   'iterator_restore_args',
   'iterator_save_args',
   'make_eval_dataset',
@@ -27,4 +30,5 @@ __all__ = [
   'make_train_dataset',
   'make_train_iterator',
   'normalize_image',
+  'register',
 ]

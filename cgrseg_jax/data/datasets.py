@@ -20,6 +20,7 @@ split's folder name (``Layout.splits`` maps ``train``/``val``/``test`` to it).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -50,8 +51,6 @@ class Layout:
 
   def paths(self, root: str, split: str, dataset: str = '') -> dict[str, Any]:
     """img_dir, ann_dir and split_file of one split (absolute under root)."""
-    import os  # pylint: disable=import-outside-toplevel
-
     d = self.split_dir(split, dataset)
     out = {
       'img_dir': os.path.join(root, self.img_dir.format(split=d)),
