@@ -527,6 +527,8 @@ def class_names(dataset: str, num_classes: int | None = None) -> tuple[str, ...]
     return PASCAL_CONTEXT59_CLASSES
   if key == 'cityscapes':
     return CITYSCAPES_CLASSES
+  if key == 'camvid':
+    return CAMVID_CLASSES
   if key == 'synthetic':
     return synthetic_classes(num_classes if num_classes is not None else 8)
   raise KeyError(f'unknown dataset {dataset!r}; no class names registered')
@@ -536,4 +538,6 @@ def palette(dataset: str, num_classes: int | None = None) -> np.ndarray:
   """RGB palette ``(num_classes, 3) uint8`` of a named dataset."""
   if dataset.lower() == 'cityscapes':
     return CITYSCAPES_PALETTE.copy()
+  if dataset.lower() == 'camvid':
+    return CAMVID_PALETTE.copy()
   return generated_palette(len(class_names(dataset, num_classes)))

@@ -228,14 +228,12 @@ register(
 # CamVid as SegNet distributes it (the layout CSFCN trains on): 11 classes,
 # raw label 11 is void and becomes the ignore index.
 register(
-  DatasetInfo(
+  _named(
     'camvid',
     11,
     False,
     img_scale=(960, 720),
     crop_size=(720, 960),
-    class_names=class_lists.CAMVID_CLASSES,
-    palette=class_lists.CAMVID_PALETTE,
     layout=Layout(
       '{split}', '{split}annot', img_suffix='.png', splits={'train': 'train', 'val': 'val', 'test': 'test'}
     ),
