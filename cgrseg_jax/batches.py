@@ -109,7 +109,7 @@ def with_dataset_defaults(config):
   return config
 
 
-def _data_values(config) -> dict:
+def transform_defaults(config) -> dict:
   """The data-config values transforms use unless their entry sets them."""
   d = config.data
   return {
@@ -120,11 +120,11 @@ def _data_values(config) -> dict:
   }
 
 
-def test_resize_and_padding(config) -> tuple[tuple[int, int], int]:
+def eval_resize_and_padding(config) -> tuple[tuple[int, int], int]:
   """(img_scale, size_divisor) of config.data.test_pipeline, which the
   bucketed evaluation implements (keep-ratio Resize, pad to a multiple)."""
   img_scale, divisor = tuple(config.data.img_scale), config.data.size_divisor
-  for op in T.build_pipeline(config.data.test_pipeline, _data_values(config)):
+  for op in T.build_pipeline(config.data.test_pipeline, transform_defaults(config)):
     if isinstance(op, T.Resize):
       img_scale = tuple(op.img_scale)
     elif isinstance(op, T.PadToMultiple):
@@ -209,7 +209,7 @@ def eval_data(config) -> dp.EvalData:
   if config.eval_batch_size % n_proc:
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} does not divide over {n_proc} processes')
   kwargs = source_kwargs(config, 'val')
-  img_scale, size_divisor = test_resize_and_padding(config)
+  img_scale, size_divisor = eval_resize_and_padding(config)
   source = info = None
   if d.get('eval_max_images'):
     source, info = dp.resolve_source(

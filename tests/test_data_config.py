@@ -157,7 +157,7 @@ def test_pipeline_from_command_line_and_from_config_file(tmp_path, monkeypatch):
     '  return c\n'
   )
   config = _parse([f'--config={cfg_file}', '--config.data.crop_size=(64,64)'], monkeypatch)
-  ops = T.build_pipeline(config.data.train_pipeline, batches._data_values(config))
+  ops = T.build_pipeline(config.data.train_pipeline, batches.transform_defaults(config))
   assert ops == [T.RandomCrop((48, 40), 1.0, 255), T.Pad((64, 64), 0, 255)]
   # A misspelt field stays an error in the locked config.
   with pytest.raises((AttributeError, KeyError, flags.Error), match='train_pipelin'):
@@ -331,3 +331,17 @@ def _with(config, **values):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def test_test_pipeline_sets_the_evaluation_resize_and_padding():
+  config = tiny_config()
+  assert batches.eval_resize_and_padding(config) == ((80, 64), 32)
+  config = _with(
+    config, **{'data.test_pipeline': (('Resize', {'img_scale': (40, 32)}), ('PadToMultiple', {'size_divisor': 16}))}
+  )
+  assert batches.eval_resize_and_padding(config) == ((40, 32), 16)
+  ev = batches.eval_data(config)
+  assert {shape[0] for shape in ev.shapes} == {(32, 48)}  # 64x80 scenes resized to 32x40, padded to 16s
+  config = _with(config, **{'data.test_pipeline': (('Resize', {}), ('RandomFlip', {}))})
+  with pytest.raises(errors.ConfigError, match='supports Resize and PadToMultiple, not RandomFlip'):
+    batches.eval_data(config)
