@@ -345,3 +345,34 @@ def test_test_pipeline_sets_the_evaluation_resize_and_padding():
   config = _with(config, **{'data.test_pipeline': (('Resize', {}), ('RandomFlip', {}))})
   with pytest.raises(errors.ConfigError, match='supports Resize and PadToMultiple, not RandomFlip'):
     batches.eval_data(config)
+
+
+def test_custom_split_files_count_palette_and_reduce_zero_label_from_config(tmp_path):
+  root = tmp_path / 'd'
+  (root / 'img').mkdir(parents=True)
+  (root / 'lbl').mkdir()
+  (root / 'lists').mkdir()
+  for stem in ('a', 'b', 'c'):
+    cv2.imwrite(str(root / 'img' / f'{stem}.png'), np.zeros((4, 5, 3), np.uint8))
+    write_png(str(root / 'lbl' / f'{stem}_seg.png'), np.full((4, 5), 2), palette=[[9, 9, 9]] * 4)
+  (root / 'lists' / 'train.txt').write_text('c\na\n')
+  from configs import custom_t
+
+  c = custom_t.get_config()
+  c.data.root = str(root)
+  for key, value in dict(
+    img_dir='img', ann_dir='lbl', img_suffix='.png', seg_map_suffix='_seg.png', split_file='lists/{split}.txt'
+  ).items():
+    c.data.custom[key] = value
+  c.data.custom.num_classes = 2
+  c.data.custom.palette = ((1, 2, 3), (4, 5, 6))
+  c.data.custom.reduce_zero_label = True
+  src, info = sources.make_source('custom', c.data.root, 'train', **batches.source_kwargs(c, 'train'))
+  assert [os.path.basename(p) for p in src.image_paths] == ['c.png', 'a.png']
+  assert info.reduce_zero_label and info.class_names == ('class_0', 'class_1')
+  np.testing.assert_array_equal(info.palette, [[1, 2, 3], [4, 5, 6]])
+  assert batches.with_dataset_defaults(c).model.num_classes == 2
+  np.testing.assert_array_equal(src[0]['label'], 2)  # raw id 2 = class 1 after reduce_zero_label
+  c.data.custom.palette = ((1, 2, 3),)
+  with pytest.raises(errors.ConfigError, match=r'palette must have shape \(2, 3\)'):
+    batches.dataset_info(c)
