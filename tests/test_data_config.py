@@ -376,3 +376,19 @@ def test_custom_split_files_count_palette_and_reduce_zero_label_from_config(tmp_
   c.data.custom.palette = ((1, 2, 3),)
   with pytest.raises(errors.ConfigError, match=r'palette must have shape \(2, 3\)'):
     batches.dataset_info(c)
+
+
+def test_csfcn_transforms_are_registered_by_name():
+  from cgrseg_jax.data import torchvision_transforms as TV
+
+  camvid = (
+    ('RandomSideScale', {'size_range': (480, 1920), 'side': 'long', 'round_half_up': True}),
+    ('RandomPadCrop', {'crop_size': (720, 960)}),
+    ('RandomFlip', {}),
+    ('ColorJitter', {'brightness': 0.3, 'contrast': 0.3, 'saturation': 0.3, 'hue': 0.1}),
+  )
+  ops = T.build_pipeline(camvid)
+  assert ops[0] == TV.RandomSideScale((480, 1920), 'long', True)
+  assert isinstance(ops[1], TV.RandomPadCrop) and ops[1].crop_size == (720, 960)
+  assert ops[3] == TV.ColorJitter(0.3, 0.3, 0.3, 0.1)
+  assert 'RandomGaussianBlur' in T.TRANSFORMS

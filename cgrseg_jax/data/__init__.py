@@ -15,6 +15,7 @@ from .pipeline import (
   normalize_image,
 )
 from .sources import DataError, make_source
+from . import torchvision_transforms  # noqa: F401  (registers CSFCN's transforms by name)
 
 __all__ = [
   'DATASETS',

@@ -26,7 +26,7 @@ import cv2
 import grain
 import numpy as np
 
-from cgrseg_jax.data.transforms import IGNORE_INDEX, Element
+from cgrseg_jax.data.transforms import IGNORE_INDEX, Element, register
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale (R, G, B)
 
@@ -68,6 +68,7 @@ def resize_pair(element: Element, hw: Sequence[int]) -> Element:
   return out
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomSideScale(grain.transforms.RandomMap):
   """Resize so that the `side` edge is an integer drawn uniformly from
@@ -86,6 +87,7 @@ class RandomSideScale(grain.transforms.RandomMap):
     return resize_pair(element, side_scale_size(element['image'].shape[:2], size, self.side, self.round_half_up))
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomPadCrop(grain.transforms.RandomMap):
   """Pad bottom/right to at least `crop_size` (h, w) (image 0, label
@@ -126,6 +128,7 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
   return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(image.shape)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class RandomGaussianBlur(grain.transforms.RandomMap):
   """With probability `prob`, blur with sigma = U[0, 1) x `max_sigma` (upstream:
@@ -223,6 +226,7 @@ def jitter_range(value: float, center: float = 1.0, bound: Optional[float] = Non
 _ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class ColorJitter(grain.transforms.RandomMap):
   """torchvision `ColorJitter(brightness, contrast, saturation, hue)`: a random
