@@ -288,7 +288,10 @@ def test_custom_dataset_trains_and_evaluates_through_the_main_code_path(tmp_path
   c.data.img_scale = (80, 64)
   c.data.crop_size = (64, 64)
   c.data.workers = 0
-  c.model.variant = 'tiny'
+  tiny = tiny_config().model  # the test-sized model, whatever the model fields are called
+  for key in tiny:
+    if key != 'num_classes':
+      c.model[key] = tiny[key]
   c.batch_size = 2
   c.eval_batch_size = 2
   c.total_steps = 2

@@ -36,8 +36,9 @@ with 0.
 Train order: source -> shuffle(seed, reshuffled every epoch) -> shard by
 process (``[p::n]`` of each epoch's permutation, the last ``N % n`` samples of
 an epoch dropped so all processes take the same number of steps) -> repeat
--> load/decode -> mmseg transforms (random ones seeded by ``(seed, process)``
-and the element position) -> batch(drop_remainder) -> multiprocess prefetch.
+-> load/decode -> the dataset's reduce_zero_label and the configured transform
+list (``pipeline=``, default ``transforms.DEFAULT_TRAIN_PIPELINE``; random ones
+seeded by ``(seed, process)``, their position and the element position) -> batch(drop_remainder) -> multiprocess prefetch.
 The result is a checkpointable grain ``DatasetIterator``: restoring its
 state replays exactly the samples and random draws of an uninterrupted run.
 
