@@ -56,6 +56,7 @@ def build_model(config):
     config.model.num_classes,
     dtype=DTYPES[config.precision],
     drop_path_rate=config.model.get('drop_path_rate'),
+    depthwise=config.model.get('depthwise', 'auto'),
   )
 
 

@@ -79,6 +79,9 @@ def get_config(dataset: str = 'ade20k'):
   # None: the dataset's class count, filled in when the run starts (custom data).
   c.model.num_classes = ml_collections.FieldReference(None if dataset == 'custom' else info.num_classes, field_type=int)
   c.model.drop_path_rate = config_dict.placeholder(float)  # None: the variant's upstream rate
+  # Depthwise-conv implementation: 'auto' (shifted sums on CPU, XLA's grouped
+  # convolution on GPU/TPU), 'shifts' or 'xla'; same numbers, different speed.
+  c.model.depthwise = 'auto'
   c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
 
   # ---- initialisation: 'scratch'; an EfficientFormerV2 ImageNet .pth (backbone

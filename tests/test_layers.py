@@ -11,7 +11,6 @@ from cgrseg_jax.models.layers import (
   DepthwiseConv,
   DropPath,
   conv,
-  depthwise_as_grouped_conv,
   dropout2d,
   gelu,
 )
@@ -95,32 +94,69 @@ def test_gelu_is_exact_erf_form():
   assert np.abs(np.asarray(jax.nn.gelu(x, approximate=True)) - ref).max() > 1e-4
 
 
-@pytest.mark.parametrize(
-  'kernel,stride,padding,hw',
-  [
-    ((3, 3), 1, (1, 1), (9, 7)),
-    ((3, 3), 2, (1, 1), (9, 8)),
-    ((1, 11), 1, (0, 5), (6, 13)),
-    ((11, 1), 1, (5, 0), (13, 6)),
-    ((1, 1), 1, (0, 0), (4, 5)),
-  ],
-)
-def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, padding, hw):
-  c = 6
+DEPTHWISE_CASES = [
+  ((3, 3), 1, (1, 1), (9, 7)),
+  ((3, 3), 2, (1, 1), (9, 8)),
+  ((3, 3), 2, (1, 1), (8, 9)),
+  ((3, 3), 2, (0, 0), (9, 10)),
+  ((1, 11), 1, (0, 5), (6, 13)),
+  ((11, 1), 1, (5, 0), (13, 6)),
+  ((2, 5), 2, (1, 2), (7, 11)),
+  ((5, 3), 3, (2, 0), (11, 7)),
+  ((1, 1), 1, (0, 0), (4, 5)),
+]
+
+
+def _depthwise_pair(kernel, stride, padding, c=6, seed=0):
+  torch.manual_seed(seed)
   conv_t = torch.nn.Conv2d(c, c, kernel, stride=stride, padding=padding, groups=c)
-  x = np.random.default_rng(0).standard_normal((2, *hw, c)).astype(np.float32)
-  mod = conv(c, kernel, stride=stride, padding=padding, groups=c)
-  assert isinstance(mod, DepthwiseConv)
   variables = {
     'params': {
       'kernel': jnp.asarray(conv_t.weight.detach().numpy().transpose(2, 3, 1, 0)),
       'bias': jnp.asarray(conv_t.bias.detach().numpy()),
     }
   }
+  return conv_t, variables
+
+
+@pytest.mark.parametrize('impl', ['shifts', 'xla'])
+@pytest.mark.parametrize('kernel,stride,padding,hw', DEPTHWISE_CASES)
+def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, padding, hw, impl):
+  c = 6
+  conv_t, variables = _depthwise_pair(kernel, stride, padding, c)
+  x = np.random.default_rng(0).standard_normal((2, *hw, c)).astype(np.float32)
+  mod = conv(c, kernel, stride=stride, padding=padding, groups=c, depthwise=impl)
+  assert isinstance(mod, DepthwiseConv)
   with torch.no_grad():
     want = nhwc(conv_t(nchw(x)))
   np.testing.assert_allclose(mod.apply(variables, x), want, rtol=1e-5, atol=1e-6)
-  with depthwise_as_grouped_conv():  # the plain grouped convolution gives the same numbers
-    np.testing.assert_allclose(
-      conv(c, kernel, stride=stride, padding=padding, groups=c).apply(variables, x), want, rtol=1e-5, atol=1e-6
-    )
+
+
+@pytest.mark.parametrize('impl', ['shifts', 'xla'])
+@pytest.mark.parametrize('kernel,stride,padding,hw', DEPTHWISE_CASES)
+def test_depthwise_conv_gradients_match_torch(kernel, stride, padding, hw, impl):
+  """Input, kernel and bias gradients of a weighted sum of the output (the
+  shifted-sum implementation has a hand-written VJP) against PyTorch autograd."""
+  c = 6
+  conv_t, variables = _depthwise_pair(kernel, stride, padding, c, seed=1)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, *hw, c)).astype(np.float32)
+  xt = nchw(x).clone().requires_grad_(True)
+  out_t = conv_t(xt)
+  r = rng.standard_normal(out_t.shape).astype(np.float32)
+  (out_t * torch.from_numpy(r)).sum().backward()
+  mod = conv(c, kernel, stride=stride, padding=padding, groups=c, depthwise=impl)
+
+  def loss(params, x):
+    return jnp.sum(mod.apply({'params': params}, x) * jnp.asarray(nhwc(torch.from_numpy(r))))
+
+  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+  tol = dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_x, nhwc(xt.grad), **tol)
+  np.testing.assert_allclose(g_params['kernel'], conv_t.weight.grad.numpy().transpose(2, 3, 1, 0), **tol)
+  np.testing.assert_allclose(g_params['bias'], conv_t.bias.grad.numpy(), **tol)
+
+
+def test_depthwise_impl_is_checked():
+  with pytest.raises(ValueError, match='depthwise'):
+    conv(4, 3, padding=1, groups=4, depthwise='fast').init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 4)))

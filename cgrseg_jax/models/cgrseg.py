@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cgrseg_jax.models import efficientformer_v2, resize
+from cgrseg_jax.models import efficientformer_v2, layers, resize
 from cgrseg_jax.models.dpg_head import DPGHead, spatial_gather
 from cgrseg_jax.models.layers import ConvBN, conv, dropout2d, hard_sigmoid
 from cgrseg_jax.models.rcm import RCM
@@ -32,11 +32,12 @@ class RCMStack(nn.Module):
   depth: int
   band_kernel: int
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     for i in range(self.depth):
-      x = RCM(self.band_kernel, dtype=self.dtype, name=f'transformer_blocks_{i}')(x, train)
+      x = RCM(self.band_kernel, dtype=self.dtype, depthwise=self.depthwise, name=f'transformer_blocks_{i}')(x, train)
     return x
 
 
@@ -65,6 +66,7 @@ class CGRSegHead(nn.Module):
   band_kernel: int
   dropout_ratio: float = 0.1
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, feats, train: bool = False):
@@ -73,7 +75,9 @@ class CGRSegHead(nn.Module):
     h, w = feats[-1].shape[1:3]
     size = ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
     pooled = jnp.concatenate([resize.adaptive_avg_pool(f, size) for f in feats], axis=-1)
-    pooled = RCMStack(self.next_repeat, self.band_kernel, dtype=self.dtype, name='trans')(pooled, train)
+    pooled = RCMStack(self.next_repeat, self.band_kernel, dtype=self.dtype, depthwise=self.depthwise, name='trans')(
+      pooled, train
+    )
     splits = [sum(self.in_channels[: i + 1]) for i in range(len(self.in_channels) - 1)]
     global_parts = jnp.split(pooled, splits, axis=-1)
 
@@ -84,7 +88,7 @@ class CGRSegHead(nn.Module):
       if x is not None:
         up = resize.resize_bilinear(x, local.shape[1:3])
         local = local + conv(self.in_channels[i], 1, dtype=self.dtype, name=f'conv_{i}')(up)
-      local = RCM(self.band_kernel, dtype=self.dtype, name=f'meta_{i}')(local, train)
+      local = RCM(self.band_kernel, dtype=self.dtype, depthwise=self.depthwise, name=f'meta_{i}')(local, train)
       x = FuseBlock(self.channels, dtype=self.dtype, name=f'SIM_{i}')(local, global_parts[i], train)
 
     dropout = dropout2d(self.dropout_ratio)
@@ -100,6 +104,7 @@ class CGRSegHead(nn.Module):
       act=jax.nn.relu,
       names=('conv', 'bn'),
       dtype=self.dtype,
+      depthwise=self.depthwise,
       name='linear_fuse',
     )(x, train)
     first = classify(fused)
@@ -135,16 +140,20 @@ def build_segmentor(
   drop_path_rate: float | None = None,
   dropout_ratio: float = 0.1,
   resolution: int = 512,
+  depthwise: str = 'auto',
 ) -> CGRSegModel:
   """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
   float32); `drop_path_rate` overrides the variant's backbone stochastic depth;
   `dropout_ratio` is the Dropout2d rate before the classifier; `resolution` the
-  crop size the attention-bias tables are laid out for (512 upstream)."""
+  crop size the attention-bias tables are laid out for (512 upstream);
+  `depthwise` the depthwise-conv implementation ('auto' | 'shifts' | 'xla',
+  see `layers.resolve_depthwise`; the numbers agree to float rounding)."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown CGRSeg variant {variant!r}; expected one of {sorted(VARIANTS)}')
   cfg = VARIANTS[variant]
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
-  backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype)
+  layers.resolve_depthwise(depthwise)  # fail here on a bad name, not at the first trace
+  backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype, depthwise)
   head = CGRSegHead(
     tuple(backbone.widths[1:]),
     cfg['channels'],
@@ -153,5 +162,6 @@ def build_segmentor(
     cfg['band_kernel'],
     dropout_ratio=dropout_ratio,
     dtype=dtype,
+    depthwise=depthwise,
   )
   return CGRSegModel(backbone, head, dtype=dtype)

@@ -116,6 +116,7 @@ class Attention4D(nn.Module):
   num_heads: int = 8
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -123,15 +124,24 @@ class Attention4D(nn.Module):
     resolution = self.resolution
     if self.stride is not None:
       resolution = math.ceil(resolution / self.stride)
-      x = ConvBN(self.dim, 3, stride=self.stride, padding=1, groups=self.dim, dtype=self.dtype, name='stride_conv')(
-        x, train
-      )
+      x = ConvBN(
+        self.dim,
+        3,
+        stride=self.stride,
+        padding=1,
+        groups=self.dim,
+        dtype=self.dtype,
+        depthwise=self.depthwise,
+        name='stride_conv',
+      )(x, train)
     b, h, w, _ = x.shape
     n = h * w
     q = ConvBN(nh * kd, dtype=self.dtype, name='q')(x, train).reshape(b, n, nh, kd)
     k = ConvBN(nh * kd, dtype=self.dtype, name='k')(x, train).reshape(b, n, nh, kd)
     v_map = ConvBN(nh * d, dtype=self.dtype, name='v')(x, train)
-    v_local = ConvBN(nh * d, 3, padding=1, groups=nh * d, dtype=self.dtype, name='v_local')(v_map, train)
+    v_local = ConvBN(nh * d, 3, padding=1, groups=nh * d, dtype=self.dtype, depthwise=self.depthwise, name='v_local')(
+      v_map, train
+    )
     v = v_map.reshape(b, n, nh, d)
 
     attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
@@ -149,11 +159,12 @@ class StridedDepthwise(nn.Module):
   """3x3 stride-2 depthwise conv, child '0' of an `nn.Sequential` upstream."""
 
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    return conv(c, 3, stride=2, padding=1, groups=c, dtype=self.dtype, name='0')(x)
+    return conv(c, 3, stride=2, padding=1, groups=c, dtype=self.dtype, depthwise=self.depthwise, name='0')(x)
 
 
 class LGQuery(nn.Module):
@@ -161,10 +172,11 @@ class LGQuery(nn.Module):
 
   out_dim: int
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
-    local = StridedDepthwise(dtype=self.dtype, name='local')(x)
+    local = StridedDepthwise(dtype=self.dtype, depthwise=self.depthwise, name='local')(x)
     q = local + x[:, ::2, ::2, :]  # AvgPool2d(kernel 1, stride 2) is plain subsampling
     return ConvBN(self.out_dim, dtype=self.dtype, name='proj')(q, train)
 
@@ -179,17 +191,20 @@ class Attention4DDownsample(nn.Module):
   num_heads: int = 8
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     nh, kd, d = self.num_heads, self.key_dim, self.attn_ratio * self.key_dim
     b, h, w, _ = x.shape
-    q = LGQuery(nh * kd, dtype=self.dtype, name='q')(x, train)
+    q = LGQuery(nh * kd, dtype=self.dtype, depthwise=self.depthwise, name='q')(x, train)
     hq, wq = q.shape[1], q.shape[2]
     q = q.reshape(b, hq * wq, nh, kd)
     k = ConvBN(nh * kd, dtype=self.dtype, name='k')(x, train).reshape(b, h * w, nh, kd)
     v_map = ConvBN(nh * d, dtype=self.dtype, name='v')(x, train)
-    v_local = ConvBN(nh * d, 3, stride=2, padding=1, groups=nh * d, dtype=self.dtype, name='v_local')(v_map, train)
+    v_local = ConvBN(
+      nh * d, 3, stride=2, padding=1, groups=nh * d, dtype=self.dtype, depthwise=self.depthwise, name='v_local'
+    )(v_map, train)
     v = v_map.reshape(b, h * w, nh, d)
 
     attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
@@ -205,12 +220,13 @@ class Mlp(nn.Module):
   dim: int
   hidden: int
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = conv(self.hidden, 1, dtype=self.dtype, kernel_init=trunc_normal_02, name='fc1')(x)
     x = gelu(BatchNorm(dtype=self.dtype, name='norm1')(x, train))
-    x = conv(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype, name='mid')(x)
+    x = conv(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype, depthwise=self.depthwise, name='mid')(x)
     x = gelu(BatchNorm(dtype=self.dtype, name='mid_norm')(x, train))
     x = conv(self.dim, 1, dtype=self.dtype, kernel_init=trunc_normal_02, name='fc2')(x)
     return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
@@ -226,6 +242,7 @@ class Block(nn.Module):
   stride: int | None = None
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -233,10 +250,12 @@ class Block(nn.Module):
     init = nn.initializers.constant(LAYER_SCALE_INIT)
     if self.attention:
       ls1 = self.param('layer_scale_1', init, (self.dim,), jnp.float32)
-      y = Attention4D(self.dim, self.resolution, self.stride, dtype=self.dtype, name='token_mixer')(x, train)
+      y = Attention4D(
+        self.dim, self.resolution, self.stride, dtype=self.dtype, depthwise=self.depthwise, name='token_mixer'
+      )(x, train)
       x = x + drop(ls1.astype(y.dtype) * y, train)
     ls2 = self.param('layer_scale_2', init, (self.dim,), jnp.float32)
-    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype, name='mlp')(x, train)
+    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype, depthwise=self.depthwise, name='mlp')(x, train)
     return x + drop(ls2.astype(y.dtype) * y, train)
 
 
@@ -248,6 +267,7 @@ class Embedding(nn.Module):
   attention: bool = False
   resolution: int = 7
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -257,7 +277,10 @@ class Embedding(nn.Module):
     y = conv(self.out_dim, 3, stride=2, padding=1, dtype=self.dtype, name='conv')(x)
     y = BatchNorm(dtype=self.dtype, name='bn')(y, train)
     return (
-      Attention4DDownsample(x.shape[-1], self.out_dim, self.resolution, dtype=self.dtype, name='attn')(x, train) + y
+      Attention4DDownsample(
+        x.shape[-1], self.out_dim, self.resolution, dtype=self.dtype, depthwise=self.depthwise, name='attn'
+      )(x, train)
+      + y
     )
 
 
@@ -271,6 +294,7 @@ class Stage(nn.Module):
   stride: int | None
   drop_paths: Sequence[float]
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -284,6 +308,7 @@ class Stage(nn.Module):
         stride=self.stride,
         drop_path=self.drop_paths[j],
         dtype=self.dtype,
+        depthwise=self.depthwise,
         name=str(j),
       )(x, train)
     return x
@@ -324,6 +349,7 @@ class EfficientFormerV2(nn.Module):
   drop_path_rate: float = 0.0
   resolution: int = 512
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -341,18 +367,28 @@ class EfficientFormerV2(nn.Module):
         2 if i == 2 else None,
         rates[i],
         dtype=self.dtype,
+        depthwise=self.depthwise,
         name=f'network_{2 * i}',
       )(x, train)
       outs.append(x)
       if i + 1 < len(self.widths):
         x = Embedding(
-          self.widths[i + 1], attention=i >= 2, resolution=res, dtype=self.dtype, name=f'network_{2 * i + 1}'
+          self.widths[i + 1],
+          attention=i >= 2,
+          resolution=res,
+          dtype=self.dtype,
+          depthwise=self.depthwise,
+          name=f'network_{2 * i + 1}',
         )(x, train)
     return outs
 
 
 def build_backbone(
-  name: str, drop_path_rate: float = 0.0, resolution: int = 512, dtype: Dtype = jnp.float32
+  name: str,
+  drop_path_rate: float = 0.0,
+  resolution: int = 512,
+  dtype: Dtype = jnp.float32,
+  depthwise: str = 'auto',
 ) -> EfficientFormerV2:
   cfg = BACKBONES[name]
   return EfficientFormerV2(
@@ -363,4 +399,5 @@ def build_backbone(
     drop_path_rate=drop_path_rate,
     resolution=resolution,
     dtype=dtype,
+    depthwise=depthwise,
   )

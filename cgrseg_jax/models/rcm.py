@@ -30,13 +30,18 @@ class Excite(nn.Module):
   groups: int
   band_kernel: int
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     k = self.band_kernel
-    x = conv(self.groups, (1, k), padding=(0, k // 2), groups=self.groups, dtype=self.dtype, name='0')(x)
+    x = conv(
+      self.groups, (1, k), padding=(0, k // 2), groups=self.groups, dtype=self.dtype, depthwise=self.depthwise, name='0'
+    )(x)
     x = jax.nn.relu(BatchNorm(dtype=self.dtype, name='1')(x, train))
-    x = conv(self.dim, (k, 1), padding=(k // 2, 0), groups=self.groups, dtype=self.dtype, name='3')(x)
+    x = conv(
+      self.dim, (k, 1), padding=(k // 2, 0), groups=self.groups, dtype=self.dtype, depthwise=self.depthwise, name='3'
+    )(x)
     return jax.nn.sigmoid(x)
 
 
@@ -47,16 +52,25 @@ class RCA(nn.Module):
   square_kernel: int = 3
   ratio: int = 1
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    local = conv(c, self.square_kernel, padding=self.square_kernel // 2, groups=c, dtype=self.dtype, name='dwconv_hw')(
-      x
-    )
+    local = conv(
+      c,
+      self.square_kernel,
+      padding=self.square_kernel // 2,
+      groups=c,
+      dtype=self.dtype,
+      depthwise=self.depthwise,
+      name='dwconv_hw',
+    )(x)
     # Row context (pooled over W) plus column context (pooled over H), broadcast to H x W.
     context = jnp.mean(x, axis=2, keepdims=True) + jnp.mean(x, axis=1, keepdims=True)
-    gate = Excite(c, c // self.ratio, self.band_kernel, dtype=self.dtype, name='excite')(context, train)
+    gate = Excite(c, c // self.ratio, self.band_kernel, dtype=self.dtype, depthwise=self.depthwise, name='excite')(
+      context, train
+    )
     return gate * local
 
 
@@ -82,11 +96,14 @@ class RCM(nn.Module):
   ratio: int = 1
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
+  depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
 
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    y = RCA(self.band_kernel, self.square_kernel, self.ratio, dtype=self.dtype, name='token_mixer')(x, train)
+    y = RCA(
+      self.band_kernel, self.square_kernel, self.ratio, dtype=self.dtype, depthwise=self.depthwise, name='token_mixer'
+    )(x, train)
     y = BatchNorm(dtype=self.dtype, name='norm')(y, train)
     y = ConvMlp(int(self.mlp_ratio * c), dtype=self.dtype, name='mlp')(y)
     gamma = self.param('gamma', nn.initializers.constant(LAYER_SCALE_INIT), (c,), jnp.float32)
