@@ -18,13 +18,20 @@ Measured at the config's crop size (`--size` overrides), random weights:
   inputs in the same run (eager; `--torch-compile` adds `torch.compile`),
   and the ratios JAX speed / PyTorch speed.
 
-Every timing runs `--warmup` untimed calls, then `--reps` timed ones, each
-ending in `block_until_ready` (JAX) or a synchronised result (PyTorch); the
-median is reported with min/max. PyTorch uses as many threads as there are
-cores (`--threads`). The JSON (`--output`) has `params`, `gmacs`, `input`,
-`jax` / `torch` sections (`compile_s`, `eval_latency_ms_bs1`,
-`eval_img_per_s` by batch size, `train_step_s`, `train_img_per_s`) and
-`ratio` (`eval_bs1`, `eval_bs8`, `train`).
+Each framework runs in its own subprocess (`--worker`), one after the other,
+with explicit thread settings (`--threads`, default: all cores, for PyTorch's
+intra-op pool and OpenMP; XLA sizes its pool to the cores itself): in one
+process, PyTorch's OpenMP workers spin while XLA's pool runs and the two fight
+over the cores (the old single-process run spent a third of its CPU time in the
+kernel). Every timing runs `--warmup` untimed calls, then `--reps` timed ones,
+each ending in `block_until_ready` (JAX) or a synchronised result (PyTorch);
+the median is reported with min/max and the relative spread (max-min)/median.
+`--compare-torch` also runs `torch.compile` (`--no-torch-compile` skips it; a
+failure is reported, not fatal). The JSON (`--output`) has `params`, `gmacs`,
+`input`, `device`, `peak_gflops`, `jax` / `torch` / `torch_compile` sections
+(`compile_s`, `eval_latency_ms_bs1`, `eval_img_per_s` by batch size,
+`train_step_s`, `train_img_per_s`, `peak_memory_bytes`, `fraction_of_peak`)
+and `ratio` (`eval_bs1`, `eval_bs8`, `train`: JAX speed / PyTorch eager speed).
 """
 
 from __future__ import annotations
@@ -47,9 +54,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for p in (ROOT, os.path.join(ROOT, 'tests')):
-  if p not in sys.path:
-    sys.path.insert(0, p)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
 PAPER = {
   't': dict(gflops=4.0, params_m=9.4, img_per_s=138.4),
@@ -70,7 +76,10 @@ def measure(fn, warmup: int, reps: int) -> dict:
     t = time.perf_counter()
     fn()
     samples.append(time.perf_counter() - t)
-  return dict(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples), reps=reps)
+  med = statistics.median(samples)
+  return dict(
+    median_s=med, min_s=min(samples), max_s=max(samples), spread=(max(samples) - min(samples)) / med, reps=reps
+  )
 
 
 def load_config(path: str):
@@ -135,7 +144,6 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
   import jax.numpy as jnp
   from cgrseg_jax import optim, train
   from cgrseg_jax.models import build_segmentor
-  from cgrseg_jax.models.layers import depthwise_as_grouped_conv
 
   out: dict = {}
   model32 = build_segmentor(variant, num_classes)
@@ -155,12 +163,11 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       compile_s = time.perf_counter() - t
       if bs == args.batch_sizes[0] and dtype_name == 'float32':
         out['compile_s'] = compile_s
-        # Depthwise convs run as shifted sums; trace them as convolutions (un-jitted,
-        # so no cached trace is reused) to count their multiply-adds.
-        with depthwise_as_grouped_conv():
-          out['gmacs'] = (
-            count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)) / bs / 1e9
-          )
+        # Depthwise convs may run as shifted sums; trace them as convolutions to count their multiply-adds.
+        counted = build_segmentor(variant, num_classes, depthwise='xla')
+        out['gmacs'] = (
+          count_macs(jax.make_jaxpr(lambda v, x: counted.apply(v, x, train=False))(variables, x)) / bs / 1e9
+        )
         flops = xla_flops(compiled)
         out['gflops_xla'] = flops / bs / 1e9 if flops else None
       timing = measure(lambda: compiled(variables, x).block_until_ready(), args.warmup, args.reps)
@@ -217,8 +224,10 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       f'jax train bs{bs} ({config.precision}): {timing["median_s"]:.3f} s/step ({bs / timing["median_s"]:.2f} '
       f'img/s), compile {train_compile:.1f}s'
     )
-  out['peak_memory_bytes'] = peak_memory()
-  out['device'] = str(jax.devices()[0].device_kind)
+  out['peak_memory_bytes'] = peak_memory() or peak_rss()
+  out['device'] = device_name(jax.devices()[0].platform, str(jax.devices()[0].device_kind))
+  out['platform'] = jax.devices()[0].platform
+  out['host'] = f'{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {out["platform"]}'
   if args.profile:
     out['profile'] = profile_jax(model32, variables, jnp.asarray(data['x'][:1]), args.profile_top, log)
   return out
@@ -282,11 +291,21 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
 # ----------------------------------------------------------------- PyTorch
 
 
+def torch_reference():
+  """The PyTorch reference model module (`build_torch_segmentor`, `randomize_`)."""
+  tests = os.path.join(ROOT, 'tests')
+  if tests not in sys.path:
+    sys.path.insert(0, tests)
+  import torch_reference as ref
+
+  return ref
+
+
 def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -> dict:
   import torch
   import torch.nn.functional as F
-  import torch_reference as ref
 
+  ref = torch_reference()
   torch.set_num_threads(args.threads)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
@@ -356,7 +375,10 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
       f'torch{" compiled" if compile_mode else ""} train bs{bs}: {timing["median_s"]:.3f} s/step '
       f'({bs / timing["median_s"]:.2f} img/s)'
     )
-  out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated()) if device == 'cuda' else None
+  out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated()) if device == 'cuda' else peak_rss()
+  out['device'] = device_name(device, torch.cuda.get_device_name() if device == 'cuda' else '')
+  out['platform'] = device
+  out['version'] = torch.__version__
   if args.profile and not compile_mode:
     out['profile'] = profile_torch(tm, data, args.profile_top, device, log)
   return out
@@ -383,6 +405,83 @@ def profile_torch(tm, data, top: int, device, log) -> list:
 # ------------------------------------------------------------------- report
 
 
+# Dense peak throughput in TFLOP/s (float32, bfloat16) of known accelerators,
+# from the vendors' data sheets (no sparsity; fp32 without TF32 on NVIDIA). The
+# first matching substring of the device name wins, so list specific names first.
+ACCELERATOR_PEAK_TFLOPS = (
+  ('H200', 67.0, 989.0),
+  ('H100 PCIe', 51.0, 756.0),
+  ('H100', 67.0, 989.0),
+  ('A100', 19.5, 312.0),
+  ('L40S', 91.6, 362.0),
+  ('L4', 30.3, 121.0),
+  ('A10', 31.2, 125.0),
+  ('V100', 15.7, 125.0),
+  ('T4', 8.1, 65.0),
+  ('TPU v6', 918.0, 918.0),  # TPU float32 matmuls run as bf16 passes: the bf16 peak bounds both
+  ('TPU v5p', 459.0, 459.0),
+  ('TPU v5', 197.0, 197.0),
+  ('TPU v4', 275.0, 275.0),
+)
+
+
+def device_name(platform_name: str, kind: str) -> str:
+  """The accelerator's name, or the CPU model with its core count."""
+  if platform_name == 'cpu':
+    model = platform.processor() or platform.machine()
+    try:
+      with open('/proc/cpuinfo') as f:
+        model = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), model)
+    except OSError:
+      pass
+    return f'{model} ({os.cpu_count()} cores)'
+  return kind
+
+
+def cpu_peak_gflops() -> float | None:
+  """float32 peak of this CPU: cores x clock x FLOPs per cycle (32 with two
+  256-bit FMA pipes, AVX2/AVX-512 on Zen 4 and most Intel cores; 16 without FMA)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      info = f.read()
+  except OSError:
+    return None
+  mhz = [float(m) for m in re.findall(r'^cpu MHz\s*:\s*([\d.]+)', info, re.M)]
+  flags = re.search(r'^flags\s*:(.*)$', info, re.M)
+  if not mhz or not flags:
+    return None
+  per_cycle = 32 if ' fma' in flags.group(1) else 16
+  return (os.cpu_count() or 1) * max(mhz) / 1e3 * per_cycle
+
+
+def peak_gflops(platform_name: str, device: str, dtype: str = 'float32') -> float | None:
+  if platform_name == 'cpu':
+    return cpu_peak_gflops()  # bf16 on CPU: the float32 peak (XLA CPU computes bf16 in f32, see README)
+  for name, fp32, bf16 in ACCELERATOR_PEAK_TFLOPS:
+    if name.lower() in device.lower():
+      return 1e3 * (bf16 if dtype == 'bfloat16' else fp32)
+  return None
+
+
+def peak_rss() -> int:
+  """Peak resident memory of this process (the worker: one framework only)."""
+  import resource
+
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def add_fraction_of_peak(res: dict, gmacs: float | None, peak: float | None):
+  """Achieved FLOP/s over the peak: 2 FLOPs per multiply-add of the counted
+  forward; a training step counted as 3 forwards (forward + twice the work for
+  the backward), the usual estimate."""
+  if not gmacs or not peak:
+    return
+  frac = {f'eval_bs{bs}': ips * 2 * gmacs / peak for bs, ips in res.get('eval_img_per_s', {}).items()}
+  if res.get('train_img_per_s'):
+    frac['train'] = res['train_img_per_s'] * 3 * 2 * gmacs / peak
+  res['fraction_of_peak'] = frac
+
+
 def ratios(jax_res: dict, torch_res: dict) -> dict:
   def ratio(a, b):
     return a / b if a and b else None
@@ -395,41 +494,137 @@ def ratios(jax_res: dict, torch_res: dict) -> dict:
 
 
 def table(result: dict) -> str:
+  """Rows: measurements; columns: JAX f32 / bf16, PyTorch eager, torch.compile.
+  A cell is the median, with the spread (max-min)/median of the repetitions and
+  the fraction of peak on the lines below it."""
   cols = [('JAX f32', result['jax'])]
   if 'bfloat16' in result['jax']:
     cols.append(('JAX bf16', result['jax']['bfloat16']))
   for key, name in (('torch', 'PyTorch eager'), ('torch_compile', 'torch.compile')):
     if isinstance(result.get(key), dict) and 'eval' in result[key]:
       cols.append((name, result[key]))
-  rows = [('eval latency bs1 (ms)', lambda r: r.get('eval_latency_ms_bs1'))]
+
+  def timing(r, bs=None):
+    return r.get('eval', {}).get(str(bs)) if bs is not None else r.get('train')
+
+  rows = [('eval latency bs1 (ms)', lambda r: r.get('eval_latency_ms_bs1'), lambda r: timing(r, 1), 'eval_bs1')]
   for bs in result['batch_sizes']:
-    rows.append((f'eval img/s bs{bs}', lambda r, bs=bs: r.get('eval_img_per_s', {}).get(str(bs))))
+    rows.append(
+      (
+        f'eval img/s bs{bs}',
+        lambda r, bs=bs: r.get('eval_img_per_s', {}).get(str(bs)),
+        lambda r, bs=bs: timing(r, bs),
+        f'eval_bs{bs}',
+      )
+    )
   rows += [
-    (f'train step bs{result.get("train_batch")} (s)', lambda r: r.get('train_step_s')),
-    ('train img/s', lambda r: r.get('train_img_per_s')),
-    ('compile / first call (s)', lambda r: r.get('compile_s')),
+    (f'train step bs{result.get("train_batch")} (s)', lambda r: r.get('train_step_s'), timing, None),
+    ('train img/s', lambda r: r.get('train_img_per_s'), timing, 'train'),
+    ('compile / first call (s)', lambda r: r.get('compile_s'), lambda r: None, None),
+    ('peak memory (GiB)', lambda r: (r.get('peak_memory_bytes') or 0) / 2**30 or None, lambda r: None, None),
   ]
   width = max(len(r[0]) for r in rows) + 2
+  peak = result.get('peak_gflops')
   lines = [
     f'CGRSeg-{result["variant"].upper()} at {result["input"][0]}x{result["input"][1]}, '
     f'{result["params"] / 1e6:.2f}M params, {result["gmacs"]:.2f} GMACs (convs+matmuls), '
-    f'XLA {result.get("gflops_xla") or float("nan"):.2f} GFLOPs; {result["host"]}',
-    ''.ljust(width) + ''.join(f'{n:>16}' for n, _ in cols),
+    f'XLA {result.get("gflops_xla") or float("nan"):.2f} GFLOPs',
+    f'device: {result.get("device")}; peak {peak or float("nan"):.0f} GFLOP/s float32; {result["host"]}',
+    f'median of {result["reps"]} after {result["warmup"]} warm-up; (spread) = (max-min)/median; '
+    '[%] = fraction of peak (train = 3 forwards)',
+    ''.ljust(width) + ''.join(f'{n:>22}' for n, _ in cols),
   ]
-  for name, get in rows:
+  for name, get, get_timing, frac_key in rows:
     cells = []
     for _, r in cols:
       v = get(r)
-      cells.append(f'{v:16.2f}' if isinstance(v, (int, float)) else f'{"-":>16}')
+      if not isinstance(v, (int, float)):
+        cells.append(f'{"-":>22}')
+        continue
+      cell = f'{v:.2f}'
+      t = get_timing(r)
+      if t and 'spread' in t:
+        cell += f' ({100 * t["spread"]:.0f}%)'
+      frac = r.get('fraction_of_peak', {}).get(frac_key) if frac_key else None
+      if frac is not None:
+        cell += f' [{100 * frac:.1f}%]'
+      cells.append(f'{cell:>22}')
     lines.append(name.ljust(width) + ''.join(cells))
+  for key in ('torch_compile',):
+    if isinstance(result.get(key), dict) and 'error' in result[key]:
+      lines.append(f'torch.compile failed: {result[key]["error"][:200]}')
   if result.get('ratio'):
     lines.append(
       'JAX / PyTorch eager speed: ' + ', '.join(f'{k} {v:.2f}x' for k, v in result['ratio'].items() if v is not None)
     )
+  if result.get('ratio_vs_torch_compile'):
+    lines.append(
+      'JAX / torch.compile speed: '
+      + ', '.join(f'{k} {v:.2f}x' for k, v in result['ratio_vs_torch_compile'].items() if v is not None)
+    )
   return '\n'.join(lines)
 
 
+# ---------------------------------------------------------- processes
+
+
+def worker_env(side: str, threads: int) -> dict:
+  """Thread settings of a worker process. PyTorch: `threads` OpenMP/MKL threads
+  (set before import). JAX: XLA's own pool (one thread per core) and no OpenMP."""
+  env = dict(os.environ)
+  env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads if side != 'jax' else 1)
+  return env
+
+
+def run_worker(args, side: str, log) -> dict:
+  """Measure one framework in this process (`--worker=SIDE`)."""
+  config, variant, num_classes, hw = setup(args)
+  data = make_data(args, hw, num_classes)
+  if side == 'jax':
+    return bench_jax(args, variant, num_classes, hw, config, data, log)
+  return bench_torch(args, variant, num_classes, hw, data, log, compile_mode=side == 'torch_compile')
+
+
+def spawn(side: str, argv: list[str], args, log) -> dict:
+  """Run `--worker=SIDE` in a fresh interpreter; its result, or {'error': ...}."""
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, f'{side}.json')
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, f'--worker={side}', f'--worker-output={out}']
+    log(f'--- {side}: own process, {args.threads} threads')
+    proc = __import__('subprocess').run(cmd, env=worker_env(side, args.threads), stdout=sys.stderr)
+    if proc.returncode != 0 or not os.path.exists(out):
+      return dict(error=f'{side} worker exited with status {proc.returncode}')
+    with open(out) as f:
+      return json.load(f)
+
+
+def setup(args):
+  config = load_config(args.config)
+  with config.unlocked():
+    if args.variant:
+      config.model.variant = args.variant
+    if args.num_classes:
+      config.model.num_classes = args.num_classes
+  variant, num_classes = config.model.variant, config.model.num_classes
+  hw = tuple(int(v) for v in args.size.split(',')) if args.size else tuple(config.data.crop_size)
+  return config, variant, num_classes, hw
+
+
+def make_data(args, hw, num_classes) -> dict:
+  """The same random images and labels in every worker (fixed seed)."""
+  rng = np.random.default_rng(0)
+  n = max(max(args.batch_sizes), args.train_batch)
+  image = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
+  mean, std = np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)
+  return dict(
+    image=image,
+    x=((image[..., ::-1].astype(np.float32) - mean) / std),
+    label=rng.integers(0, num_classes, (n, *hw), dtype=np.uint8),
+  )
+
+
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/ade20k_t.py')
   p.add_argument('--variant', default=None, help='override config.model.variant (t | b | l | tiny)')
@@ -439,42 +634,33 @@ def main(argv=None) -> int:
   p.add_argument('--train-batch', type=int, default=8)
   p.add_argument('--dtypes', default='float32,bfloat16')
   p.add_argument('--warmup', type=int, default=2)
-  p.add_argument('--reps', type=int, default=10)
-  p.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='PyTorch intra-op threads')
+  p.add_argument('--reps', type=int, default=7)
+  p.add_argument('--threads', type=int, default=os.cpu_count() or 1, help='PyTorch intra-op / OpenMP threads')
   p.add_argument('--compare-torch', action='store_true')
-  p.add_argument('--torch-compile', action='store_true', help='with --compare-torch: also torch.compile')
+  p.add_argument(
+    '--torch-compile', action=argparse.BooleanOptionalAction, default=True, help='with --compare-torch: torch.compile'
+  )
   p.add_argument('--skip-train', action='store_true')
   p.add_argument('--profile', action='store_true', help='per-op / per-module time of the bs1 eval forward')
   p.add_argument('--profile-top', type=int, default=15)
   p.add_argument('--output', default=None, help='write the JSON here')
+  p.add_argument('--worker', choices=('jax', 'torch', 'torch_compile'), default=None, help=argparse.SUPPRESS)
+  p.add_argument('--worker-output', default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   args.dtypes = [d for d in args.dtypes.split(',') if d]
   if 'float32' not in args.dtypes:
     args.dtypes.insert(0, 'float32')
-
-  config = load_config(args.config)
-  with config.unlocked():
-    if args.variant:
-      config.model.variant = args.variant
-    if args.num_classes:
-      config.model.num_classes = args.num_classes
-  variant, num_classes = config.model.variant, config.model.num_classes
-  hw = tuple(int(v) for v in args.size.split(',')) if args.size else tuple(config.data.crop_size)
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
-  rng = np.random.default_rng(0)
-  n = max(max(args.batch_sizes), args.train_batch)
-  image = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
-  mean, std = np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)
-  data = dict(
-    image=image,
-    x=((image[..., ::-1].astype(np.float32) - mean) / std),
-    label=rng.integers(0, num_classes, (n, *hw), dtype=np.uint8),
-  )
+  if args.worker:
+    res = run_worker(args, args.worker, log)
+    with open(args.worker_output, 'w') as f:
+      json.dump(res, f)
+    return 0
 
-  import jax
-
+  config, variant, num_classes, hw = setup(args)
+  worker_argv = [a for a in argv if not a.startswith('--output')]
   result: dict = dict(
     config=args.config,
     variant=variant,
@@ -484,22 +670,33 @@ def main(argv=None) -> int:
     train_batch=args.train_batch,
     warmup=args.warmup,
     reps=args.reps,
-    host=f'{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}',
+    threads=args.threads,
     paper=PAPER.get(variant),
   )
-  result['jax'] = bench_jax(args, variant, num_classes, hw, config, data, log)
-  for k in ('params', 'gmacs', 'gflops_xla'):
+  result['jax'] = spawn('jax', worker_argv, args, log)
+  if 'error' in result['jax']:
+    log(result['jax']['error'])
+    return 1
+  for k in ('params', 'gmacs', 'gflops_xla', 'host'):
     result[k] = result['jax'].pop(k, None)
+  result['device'] = result['jax'].get('device')
+  plat = result['jax'].get('platform', 'cpu')
+  result['peak_gflops'] = peak_gflops(plat, result['device'] or '')
+  add_fraction_of_peak(result['jax'], result['gmacs'], result['peak_gflops'])
+  if 'bfloat16' in result['jax']:
+    add_fraction_of_peak(result['jax']['bfloat16'], result['gmacs'], peak_gflops(plat, result['device'], 'bfloat16'))
   if args.compare_torch:
-    result['torch'] = bench_torch(args, variant, num_classes, hw, data, log, compile_mode=False)
+    sides = ['torch'] + (['torch_compile'] if args.torch_compile else [])
+    for side in sides:
+      res = spawn(side, worker_argv, args, log)
+      add_fraction_of_peak(res, result['gmacs'], result['peak_gflops'])
+      result[side] = res
+    if 'error' in result['torch']:
+      log(result['torch']['error'])
+      return 1
     result['ratio'] = ratios(result['jax'], result['torch'])
-    if args.torch_compile:
-      try:
-        result['torch_compile'] = bench_torch(args, variant, num_classes, hw, data, log, compile_mode=True)
-        result['ratio_vs_torch_compile'] = ratios(result['jax'], result['torch_compile'])
-      except Exception as e:  # inductor needs a working C++ toolchain; report, keep the rest
-        result['torch_compile'] = dict(error=f'{type(e).__name__}: {str(e)[:500]}')
-        log(f'torch.compile failed: {result["torch_compile"]["error"]}')
+    if 'eval' in result.get('torch_compile', {}):
+      result['ratio_vs_torch_compile'] = ratios(result['jax'], result['torch_compile'])
   print(table(result))
   if args.output:
     with open(args.output, 'w') as f:

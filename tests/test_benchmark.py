@@ -69,6 +69,7 @@ def test_benchmark_smoke(tmp_path):
       '--reps=1',
       '--threads=1',
       '--compare-torch',
+      '--no-torch-compile',
       f'--output={out}',
     ],
     capture_output=True,
@@ -94,4 +95,10 @@ def test_benchmark_smoke(tmp_path):
     assert set(s['eval_img_per_s']) == {'1', '2'}
     assert s['train_step_s'] > 0 and s['train_img_per_s'] == pytest.approx(2 / s['train_step_s'])
   assert set(r['ratio']) == {'eval_bs1', 'eval_bs8', 'train'}
+  # Each framework measured in its own process; fraction of peak from the count and the device's peak.
+  assert r['device'] and r['jax']['platform'] == 'cpu' and r['torch']['platform'] == 'cpu'
+  if r['peak_gflops']:
+    want = r['jax']['eval_img_per_s']['1'] * 2 * r['gmacs'] / r['peak_gflops']
+    assert r['jax']['fraction_of_peak']['eval_bs1'] == pytest.approx(want)
+  assert 'fraction of peak' in proc.stdout and 'PyTorch eager' in proc.stdout
   assert r['ratio']['eval_bs1'] == pytest.approx(r['jax']['eval_img_per_s']['1'] / r['torch']['eval_img_per_s']['1'])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -64,10 +65,73 @@ def cubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
   return idx, _cubic_weights(src - base).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def linear_phases(in_size: int, out_size: int):
+  """For an integer upsampling factor f: output o = f*i + r reads input rows
+  i + d_r and i + d_r + 1 with weights (a_r, b_r) that depend on r only, except
+  near the borders (clamping). Returns (f, [(d_r, a_r, b_r)], lo, hi) with the
+  output rows [lo, out_size - hi) following the pattern, or None."""
+  if in_size < 2 or out_size % in_size or out_size == in_size:
+    return None
+  f = out_size // in_size
+  i0, i1, w0, w1 = linear_taps(in_size, out_size)
+  o = np.arange(out_size)
+  phases = []  # read off the middle input row, far from both borders
+  for r in range(f):
+    k = (in_size // 2) * f + r
+    phases.append((int(i0[k]) - in_size // 2, w0[k], w1[k]))
+  d = np.array([p[0] for p in phases])[o % f]
+  ok = (i0 == o // f + d) & (i1 == o // f + d + 1)
+  ok &= (w0 == np.array([p[1] for p in phases])[o % f]) & (w1 == np.array([p[2] for p in phases])[o % f])
+  if not ok.any():
+    return None
+  lo = int(np.argmax(ok))
+  hi = int(np.argmax(ok[::-1]))
+  if not ok[lo : out_size - hi].all() or lo > 2 * f or hi > 2 * f:
+    return None
+  return f, phases, lo, hi
+
+
+def _upsample_axis_linear(x, axis: int, out_size: int, plan):
+  """Integer-factor bilinear upsampling without gathers: one shifted, weighted
+  pair of slices per output phase, interleaved; the few border rows from the
+  gather tables. Same products and sums as the gather form (bitwise), but its
+  gradient is slices and pads instead of XLA CPU's slow serial scatter-add."""
+  in_size = x.shape[axis]
+  f, phases, lo, hi = plan
+  i0, i1, w0, w1 = linear_taps(in_size, out_size)
+  edge = lambda i: jax.lax.slice_in_dim(x, i, i + 1, axis=axis)
+  xp = jnp.concatenate([edge(0), x, edge(in_size - 1)], axis=axis)  # clamp = edge padding
+  outs = []
+  for d, a, b in phases:
+    first = jax.lax.slice_in_dim(xp, 1 + d, 1 + d + in_size, axis=axis)
+    second = jax.lax.slice_in_dim(xp, 2 + d, 2 + d + in_size, axis=axis)
+    outs.append(first * jnp.asarray(a, x.dtype) + second * jnp.asarray(b, x.dtype))
+  out = jnp.stack(outs, axis=axis + 1)
+  out = out.reshape(x.shape[:axis] + (out_size,) + x.shape[axis + 1 :])
+
+  def rows(idx):
+    shape = [1] * x.ndim
+    shape[axis] = len(idx)
+    r0 = jnp.take(x, i0[idx], axis=axis) * jnp.asarray(w0[idx], x.dtype).reshape(shape)
+    return r0 + jnp.take(x, i1[idx], axis=axis) * jnp.asarray(w1[idx], x.dtype).reshape(shape)
+
+  parts = []
+  if lo:
+    parts.append(rows(np.arange(lo)))
+  parts.append(jax.lax.slice_in_dim(out, lo, out_size - hi, axis=axis))
+  if hi:
+    parts.append(rows(np.arange(out_size - hi, out_size)))
+  return jnp.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+
 def _resize_axis_linear(x, axis: int, out_size: int):
   in_size = x.shape[axis]
   if in_size == out_size:
     return x
+  plan = linear_phases(in_size, out_size)
+  if plan is not None:
+    return _upsample_axis_linear(x, axis % x.ndim, out_size, plan)
   i0, i1, w0, w1 = linear_taps(in_size, out_size)
   shape = [1] * x.ndim
   shape[axis] = out_size
