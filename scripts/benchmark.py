@@ -660,7 +660,12 @@ def main(argv=None) -> int:
     return 0
 
   config, variant, num_classes, hw = setup(args)
-  worker_argv = [a for a in argv if not a.startswith('--output')]
+  worker_argv = []  # the same options, less --output (the workers write their own files)
+  skip = False
+  for a in argv:
+    if not skip and not a.startswith('--output'):
+      worker_argv.append(a)
+    skip = a == '--output'
   result: dict = dict(
     config=args.config,
     variant=variant,
