@@ -8,6 +8,10 @@
 Training resumes from <workdir>/checkpoints when a checkpoint is there.
 Several processes (TPU pod, Slurm, or explicit --coordinator_address/
 --num_processes/--process_id) call jax.distributed.initialize() first.
+
+Errors a user can act on (bad config, data, checkpoint, conversion: the types
+in cgrseg_jax/errors.py) print one line and exit with status 2; --verbose adds
+the traceback. Anything else is a bug and keeps its traceback.
 """
 
 import logging
@@ -30,7 +34,10 @@ flags.DEFINE_enum(
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process without Slurm/TPU).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process (0-based).')
+flags.DEFINE_bool('verbose', False, 'Print the full traceback of expected errors (config, data, checkpoint) too.')
 flags.mark_flags_as_required(['workdir'])
+
+USER_ERROR_EXIT = 2
 
 
 def _want_distributed() -> bool:
@@ -42,6 +49,11 @@ def _want_distributed() -> bool:
     return True
   # Multi-host TPU slices expose their worker list.
   return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+def _drop_traceback(record: logging.LogRecord) -> bool:
+  record.exc_info, record.exc_text = None, None
+  return True
 
 
 def main(argv):
@@ -57,14 +69,22 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format=f'%(asctime)s [p{jax.process_index()}] %(message)s', stream=sys.stderr)
   for noisy in ('absl', 'orbax', 'jax._src'):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not FLAGS.verbose:  # orbax logs a failed background write with its traceback; the error says it in one line
+      logging.getLogger(noisy).addFilter(_drop_traceback)
 
-  from cgrseg_jax import train
+  from cgrseg_jax import errors, train
 
-  if FLAGS.mode == 'eval':
-    train.evaluate_only(FLAGS.config, FLAGS.workdir)
-  else:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    logging.info('finished at step %d (%s)', result['step'], result['status'])
+  try:
+    if FLAGS.mode == 'eval':
+      train.evaluate_only(FLAGS.config, FLAGS.workdir)
+    else:
+      result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      logging.info('finished at step %d (%s)', result['step'], result['status'])
+  except errors.UserError as e:
+    if FLAGS.verbose:
+      raise
+    print(f'error ({type(e).__name__}): {e}', file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
 
 
 if __name__ == '__main__':

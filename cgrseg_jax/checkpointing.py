@@ -5,19 +5,32 @@ A run's checkpoints live in `<workdir>/checkpoints/<step>/` with two items:
 `data` (the grain iterator state, one JSON file per process). orbax writes a
 step into a temporary directory and renames it when every process has
 finished (all processes call `save`; array shards are written by their owners,
-the rest is written by process 0), so `latest_step()` never sees a
-half-written checkpoint and resuming after a crash mid-save picks the previous
-one. Saves are asynchronous: `save` returns once the arrays are copied off
-the devices, the writing overlaps the next training steps.
+the rest is written by process 0): that rename is the commit, and only
+committed steps are listed, so resuming after a crash mid-save picks the
+previous one. Saves are asynchronous: `save` returns once the arrays are
+copied off the devices, the writing overlaps the next training steps, and a
+failed write surfaces at the next `save` or `wait`.
 
 Retention: the last `keep` checkpoints, plus the best by validation mIoU
-(saves made right after an evaluation carry its metrics).
+(saves made right after an evaluation carry its metrics). Old steps leave in
+two moves: an atomic rename into `.deleting/` (orbax's `todelete_subdir`,
+done only after a newer save committed), then removal; a kill between the two
+leaves only trash, never a half-deleted step among the kept ones.
+
+Damage after the commit (a truncated or lost file, broken metadata) is found
+when restoring: `RunCheckpoints.restore_latest` falls back to the next older
+step, and renames the damaged ones to `<step>.damaged-<reason>` (kept for
+inspection, invisible to orbax's step listing and retention).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import os
+import shutil
 from typing import Any, Mapping, Optional
 
 import jax
@@ -27,6 +40,11 @@ import orbax.checkpoint as ocp
 from cgrseg_jax import convert, errors
 
 log = logging.getLogger(__name__)
+
+TRASH = '.deleting'
+DAMAGED = '.damaged-'
+# Write failures a person fixes outside the program (space, quota, permissions, read-only mount).
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
 def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.CheckpointManager:
@@ -41,34 +59,247 @@ def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.Ch
     ]
   )
   options = ocp.CheckpointManagerOptions(
-    preservation_policy=preservation, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True
+    preservation_policy=preservation,
+    enable_async_checkpointing=True,
+    create=True,
+    cleanup_tmp_directories=True,
+    todelete_subdir=TRASH,
   )
   return ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data'), options=options)
 
 
-def save(
-  manager: ocp.CheckpointManager,
-  step: int,
-  state: Any,
-  data_iterator: Any,
-  metrics: Optional[Mapping[str, float]] = None,
-  force: bool = False,
-) -> bool:
-  """Start an async save of (state, data iterator) at `step`."""
+def _restore_args(abstract_state: Any, data_iterator: Any):
   import grain
 
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
-  return manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
-
-
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-  """Restore `state` (into the shardings of `abstract_state`) and the data iterator in place."""
-  import grain
-
-  args = ocp.args.Composite(
+  return ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
   )
-  return manager.restore(step, args=args)['state']
+
+
+def state_nbytes(state: Any) -> int:
+  """Bytes of one copy of `state` (what a checkpoint of it needs on disk, before compression)."""
+  return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state)))
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True iff `ok` on every process (a no-op with one process)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def _check_step_files(step_dir: str) -> None:
+  """Cheap checks before reading arrays: the items and the JSON metadata orbax needs."""
+  for item in ('state', 'data'):
+    if not os.path.isdir(os.path.join(step_dir, item)):
+      raise FileNotFoundError(f'{item}/ is missing')
+  data_file = os.path.join(step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+  for path in (os.path.join(step_dir, '_CHECKPOINT_METADATA'), os.path.join(step_dir, 'state', '_METADATA'), data_file):
+    try:
+      with open(path) as f:
+        json.load(f)
+    except FileNotFoundError:
+      raise FileNotFoundError(f'{os.path.relpath(path, step_dir)} is missing') from None
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f'{os.path.relpath(path, step_dir)} is not valid JSON ({e})') from None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+  return out
+
+
+def _reason_slug(e: BaseException) -> str:
+  text = ' '.join(f'{type(x).__name__} {x}' for x in _chain(e))
+  if 'FileNotFoundError' in text or 'NOT_FOUND' in text or 'is missing' in text:
+    return 'missing-file'
+  if 'JSON' in text or '_METADATA' in text:
+    return 'bad-metadata'
+  if 'Error reading' in text:  # TensorStore: a data file cut short, lost or corrupted
+    return 'unreadable-data'
+  return 'unreadable'
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+  """The root cause's message on one line (orbax's wrappers repeat the TensorStore spec)."""
+  root = _chain(e)[-1]
+  text = ' '.join(f'{type(root).__name__}: {root}'.split())
+  return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+class RunCheckpoints:
+  """The checkpoints of one run: restore with fallback, save, surface write failures.
+
+  Every process makes one and calls each method (orbax's contract); the file
+  system is shared, process 0 does the renames and deletions.
+  """
+
+  def __init__(self, directory: str, keep: int, best_metric: str = 'mIoU'):
+    self.directory = os.path.abspath(directory)
+    self.manager = make_manager(self.directory, keep, best_metric)
+    self._pending: Optional[tuple[int, int]] = None  # (step, state bytes) of the save that may still be writing
+    self._empty_trash()
+
+  # ---- restore
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def damaged(self) -> list[str]:
+    return sorted(d for d in os.listdir(self.directory) if DAMAGED in d)
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, Optional[int]]:
+    """(state, step) of the newest step that restores on every process, or (None, None) if there is none.
+
+    Steps that fail are logged with their reason; once an older one restored,
+    the newer failures are renamed `<step>.damaged-<reason>`. If every step
+    fails (which a config that no longer matches the checkpoints also causes),
+    nothing is renamed and CheckpointError lists what was tried.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      if self.damaged():
+        raise errors.CheckpointError(
+          f'{self.directory} holds only damaged checkpoints ({", ".join(self.damaged())}); '
+          'move them away to start from scratch, or restore a good copy'
+        )
+      return None, None
+    # orbax's manager.restore ends with a barrier of all processes; a local
+    # checkpointer lets one process fail without leaving the others waiting,
+    # and the processes agree on the outcome afterwards.
+    local = ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=jax.process_index(), active_processes={jax.process_index()}
+      ),
+    )
+    failed: list[tuple[int, str, str]] = []  # (step, slug, reason)
+    try:
+      for step in steps:
+        step_dir = os.path.join(self.directory, str(step))
+        state, why = None, None
+        try:
+          _check_step_files(step_dir)
+          state = local.restore(step_dir, args=_restore_args(abstract_state, data_iterator))['state']
+        except Exception as e:  # any failure to read this step: try the older one
+          why = e
+        if _all_processes_agree(why is None):
+          self._quarantine(failed)
+          return state, step
+        reason = _short(why) if why is not None else 'another process could not restore it'
+        slug = _reason_slug(why) if why is not None else 'other-process'
+        log.warning('checkpoint %s cannot be restored (%s); trying the previous one', step_dir, reason)
+        failed.append((step, slug, reason))
+    finally:
+      local.close()
+    tried = '; '.join(f'step {s}: {r}' for s, _, r in failed)
+    raise errors.CheckpointError(
+      f'no checkpoint in {self.directory} can be restored (tried {len(failed)}: {tried}). '
+      'If the config changed since these were written, run with the original config or another --workdir.'
+    )
+
+  def _quarantine(self, failed: list[tuple[int, str, str]]) -> None:
+    if not failed:
+      return
+    if jax.process_index() == 0:
+      for step, slug, reason in failed:
+        src = os.path.join(self.directory, str(step))
+        dst, n = f'{src}{DAMAGED}{slug}', 1
+        while os.path.exists(dst):
+          n += 1
+          dst = f'{src}{DAMAGED}{slug}-{n}'
+        os.rename(src, dst)
+        with open(os.path.join(dst, 'DAMAGED.txt'), 'w') as f:
+          f.write(reason + '\n')
+        log.warning('moved damaged checkpoint %s to %s (kept for inspection)', src, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('cgrseg_quarantine_damaged_checkpoints')
+    self.manager.reload()
+
+  # ---- save
+
+  def save(
+    self, step: int, state: Any, data_iterator: Any, metrics: Optional[Mapping[str, float]] = None, force: bool = False
+  ) -> bool:
+    """Start an async save of (state, data iterator) at `step`.
+
+    Raises CheckpointError if this save, or the previous one still being
+    written, fails for lack of space or permission.
+    """
+    import grain
+
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
+    nbytes = state_nbytes(state)
+    with self._disk_errors(step, nbytes):
+      saved = self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=force)
+    self._pending = (step, nbytes)
+    self._empty_trash()
+    return saved
+
+  def wait(self) -> None:
+    """Block until the pending save committed; CheckpointError if it failed for lack of space or permission."""
+    step, nbytes = self._pending or (None, 0)
+    with self._disk_errors(step, nbytes):
+      self.manager.wait_until_finished()
+    self._pending = None
+    self._empty_trash()
+
+  def close(self) -> None:
+    self.manager.close()
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: Optional[int], nbytes: int):
+    """An OSError with a disk errno (anywhere in the exception chain) -> CheckpointError.
+
+    The failing save is the pending one if any (its background write failed),
+    else the one being started."""
+    try:
+      yield
+    except Exception as e:
+      os_error = _find_disk_error(e)
+      if os_error is None:
+        raise
+      failed_step, need = self._pending or (step, nbytes)
+      raise self._disk_error(failed_step, need, os_error) from e
+
+  def _disk_error(self, step: Optional[int], nbytes: int, os_error: OSError) -> errors.CheckpointError:
+    try:
+      free = f'{shutil.disk_usage(self.directory).free / 2**20:.0f} MiB free there now'
+    except OSError:
+      free = 'free space unknown'
+    self.manager.reload()
+    good = self.manager.latest_step()
+    previous = f'step {good} is intact and a rerun resumes from it' if good is not None else 'no earlier checkpoint'
+    return errors.CheckpointError(
+      f'saving the checkpoint of step {step} to {self.directory} failed: {os.strerror(os_error.errno)} '
+      f'({os_error}). A checkpoint needs about {nbytes / 2**20:.0f} MiB ({free}); {previous}. '
+      'Free space (or fix the permissions/quota) and rerun the same command.'
+    )
+
+  def _empty_trash(self) -> None:
+    """Remove the steps retention moved to `.deleting/` (process 0; the rename already took them out of use)."""
+    trash = os.path.join(self.directory, TRASH)
+    if jax.process_index() != 0 or not os.path.isdir(trash):
+      return
+    for name in os.listdir(trash):
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+
+def _find_disk_error(exc: BaseException) -> Optional[OSError]:
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+      return e
+    for code in _DISK_ERRNOS:  # TensorStore reports the errno's text inside its own exception types
+      if os.strerror(code) in str(e):
+        return OSError(code, str(e))
+  return None
 
 
 # ------------------------------------------------------------------ init weights

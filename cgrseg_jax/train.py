@@ -91,17 +91,33 @@ def _replicate(tree, sharding):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at the next step boundary.
-  With several processes they agree on the step through JAX's preemption
-  sync point (the coordination service forwards the notice)."""
+  """SIGTERM sets a flag; the loop saves and exits at a step boundary.
+
+  Every process installs the handler. With several processes, a signalled
+  one posts a notice in the key-value store of JAX's coordination service
+  (the one `jax.distributed.initialize` started); every process looks for it
+  at each step boundary (one small RPC, no device work), and once seen each
+  posts the step it is at and all stop at the largest of those, so they save
+  the same step. A process that finishes the loop posts its last step, so a
+  notice that arrives at the very end cannot leave another one waiting.
+  """
+
+  KEY = 'cgrseg_preemption'
+  TIMEOUT_MS = 10 * 60 * 1000
 
   def __init__(self):
     self.flag = False
     self._previous = None
+    self._client = None
+    self._stop_at = None
+    self._noticed = False
 
   def __enter__(self):
-    if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    if jax.process_count() > 1:
+      from jax._src import distributed
+
+      self._client = distributed.global_state.client
     return self
 
   def _handler(self, signum, frame):
@@ -109,14 +125,30 @@ class _Preemption:
     self.flag = True
 
   def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+    if self._client is None:
+      return self.flag
+    if self._stop_at is None:
+      if self.flag and not self._noticed:
+        self._client.key_value_set(f'{self.KEY}/notice/{jax.process_index()}', str(step), allow_overwrite=True)
+      if self.flag or self._client.key_value_dir_get(f'{self.KEY}/notice/'):
+        self._noticed = True
+        self._stop_at = self._agree(step)
+        log.warning('preemption notice: all processes stop after step %d', self._stop_at)
+    return self._stop_at is not None and step >= self._stop_at
 
-      try:
-        return multihost_utils.reached_preemption_sync_point(step)
-      except RuntimeError:  # no preemption service (jax_enable_preemption_service off)
-        return False
-    return self.flag
+  def _agree(self, step: int) -> int:
+    """Post `step`, wait for every process's, return the largest."""
+    self._client.key_value_set(f'{self.KEY}/step/{jax.process_index()}', str(step), allow_overwrite=True)
+    steps = [
+      int(self._client.blocking_key_value_get(f'{self.KEY}/step/{i}', self.TIMEOUT_MS))
+      for i in range(jax.process_count())
+    ]
+    return max(steps)
+
+  def finished(self, step: int):
+    """The loop ended at `step` (a process still agreeing on a stop step reads it)."""
+    if self._client is not None and self._stop_at is None:
+      self._client.key_value_set(f'{self.KEY}/step/{jax.process_index()}', str(step), allow_overwrite=True)
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -237,11 +269,10 @@ def train_and_evaluate(
     donate_argnums=(0,),
   )
 
-  # ---- checkpoint: resume from workdir, else config.init
-  manager = checkpointing.make_manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  latest = manager.latest_step()
+  # ---- checkpoint: resume from workdir (the newest step that restores), else config.init
+  ckpts = checkpointing.RunCheckpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  state, latest = ckpts.restore_latest(abstract, train_it)
   if latest is not None:
-    state = checkpointing.restore(manager, latest, abstract, train_it)
     log.info('resumed from %s/checkpoints/%d', workdir, latest)
   else:
     host_vars = checkpointing.load_init_variables(
@@ -263,6 +294,7 @@ def train_and_evaluate(
   last_saved = latest
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy
   t_last, n_last = time.time(), 0
+  finished = False
 
   def check(pending_item):
     step_done, m = pending_item
@@ -270,7 +302,7 @@ def train_and_evaluate(
     if not (np.isfinite(loss) and np.isfinite(float(m['grad_norm']))):
       raise FloatingPointError(
         f'loss is {loss} at step {step_done} (iteration {step_done - 1}); stopping. '
-        f'Last good checkpoint: step {manager.latest_step()} in {workdir}/checkpoints'
+        f'Last good checkpoint: step {ckpts.latest_step()} in {workdir}/checkpoints'
       )
     return loss
 
@@ -278,7 +310,7 @@ def train_and_evaluate(
     nonlocal last_saved
     if last_saved == step:
       return
-    checkpointing.save(manager, step, state, train_it, metrics=metrics, force=force)
+    ckpts.save(step, state, train_it, metrics=metrics, force=force)
     last_saved = step
 
   try:
@@ -345,9 +377,16 @@ def train_and_evaluate(
           break
       if pending is not None:
         check(pending)
+      preemption.finished(int(jax.device_get(state.step)) if pending is None else pending[0])
+    ckpts.wait()  # a failed background write raises here
+    finished = True
   finally:
-    manager.wait_until_finished()
-    manager.close()
+    if not finished:  # already failing: finish the pending write, report the first error
+      try:
+        ckpts.manager.wait_until_finished()
+      except Exception as e:
+        log.warning('the pending checkpoint write failed too: %s', e)
+    ckpts.close()
     writer.close()
     if bar is not None:
       bar.close()

@@ -33,3 +33,8 @@ def tiny_config(**overrides):
     node[leaf] = tuple(value) if isinstance(value, list) else value
   c.lock()
   return c
+
+
+def get_config():
+  """`main.py --config=tests/train_config.py` (tests in subprocesses): the tiny config; set fields with --config.x."""
+  return tiny_config()
