@@ -1,6 +1,7 @@
 """Sharded training against a 1-device run of the same global batches:
 8 simulated CPU devices in one process, and two processes on localhost
-(CPU, gloo collectives) each reading its own data shard."""
+(CPU, gloo collectives) each reading its own data shard; and SIGTERM to one
+of two processes (both save the same step, the resumed run is exact)."""
 
 import json
 import os
@@ -18,6 +19,7 @@ REPO = os.path.dirname(TESTS_DIR)
 def _run_worker(out, workdir, overrides, env_extra=None, extra_args=()):
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR]))
   env.pop('XLA_FLAGS', None)
+  env.pop('SIGTERM_AT', None)
   env.update(env_extra or {})
   cmd = [
     sys.executable,
@@ -78,14 +80,21 @@ def test_eight_devices_match_one_device(one_device_run, tmp_path):
   _compare(dict(np.load(tmp_path / 'out.npz')), one_device_run, atol=1e-5)
 
 
-def test_two_processes_match_one(one_device_run, tmp_path):
+def _two_processes(out, workdir, env=None):
   port = portpicker.pick_unused_port()
-  procs = [
-    _run_worker(tmp_path / 'out.npz', tmp_path / 'work', STABLE_ADAM, extra_args=(f'localhost:{port}', 2, i))
-    for i in range(2)
-  ]
+  procs = [_run_worker(out, workdir, STABLE_ADAM, env, extra_args=(f'localhost:{port}', 2, i)) for i in range(2)]
   _wait(procs, timeout=900)
-  outs = [dict(np.load(tmp_path / f'out.npz.{i}.npz')) for i in range(2)]
+  return [dict(np.load(f'{out}.{i}.npz')) for i in range(2)]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  d = tmp_path_factory.mktemp('two')
+  return d / 'work', _two_processes(d / 'out.npz', d / 'work')
+
+
+def test_two_processes_match_one(one_device_run, two_process_run):
+  work, outs = two_process_run
   # Each process consumed its own shard; together, the reference's global batches.
   local = [json.loads(str(o['__indices__'])) for o in outs]
   assert [a + b for a, b in zip(*local)] == json.loads(str(one_device_run['__indices__']))
@@ -93,6 +102,26 @@ def test_two_processes_match_one(one_device_run, tmp_path):
   for o in outs:
     _compare(o, one_device_run, atol=1e-5, check_indices=False)
   # The final checkpoint was written by both processes: one data-iterator file each.
-  data_dir = tmp_path / 'work' / 'checkpoints' / '3' / 'data'
+  data_dir = work / 'checkpoints' / '3' / 'data'
   files = set(os.listdir(data_dir))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= files, files
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):
+  work = tmp_path / 'work'
+  cut = _two_processes(tmp_path / 'cut.npz', work, {'SIGTERM_AT': '1:1'})  # process 1, after step 1
+  status = [str(o['__status__']) for o in cut]
+  assert status[0] == status[1] and status[0].startswith('preempted:'), status
+  stop = int(status[0].split(':')[1])
+  assert 1 <= stop <= 3
+  assert os.listdir(work / 'checkpoints') == [str(stop)]
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(os.listdir(work / 'checkpoints' / str(stop) / 'data'))
+
+  resumed = _two_processes(tmp_path / 'resumed.npz', work)
+  for i, (a, b, ref) in enumerate(zip(cut, resumed, two_process_run[1])):
+    assert str(b['__status__']) == 'done:3'
+    indices = json.loads(str(a['__indices__'])) + json.loads(str(b['__indices__']))
+    assert indices == json.loads(str(ref['__indices__'])), f'process {i}'
+    for k in ref:
+      if not k.startswith('__'):
+        np.testing.assert_array_equal(b[k], ref[k], err_msg=f'process {i}: {k}')

@@ -2,12 +2,15 @@
 
   python train_worker.py OUT_NPZ WORKDIR OVERRIDES_JSON [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
-Trains the synthetic tiny config with the overrides, then process 0 writes
-the final params (flattened by upstream name) and the val metrics to OUT_NPZ.
+Trains the synthetic tiny config with the overrides, then writes the final
+params (flattened by upstream name), the val metrics, the run's status and
+step to OUT_NPZ (OUT_NPZ.<process>.npz with several processes).
+SIGTERM_AT=<process>:<step> sends SIGTERM to that process after that step.
 """
 
 import json
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,13 +33,22 @@ def main():
   out, workdir, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
   config = tiny_config(**overrides)
   seen = []
-  result = train.train_and_evaluate(config, workdir, on_step=lambda s, b: seen.append(b['index'].tolist()))
+  term_process, term_step = map(int, os.environ.get('SIGTERM_AT', '-1:-1').split(':'))
+
+  def on_step(step, batch):
+    seen.append(batch['index'].tolist())
+    if step == term_step and jax.process_index() == term_process:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  result = train.train_and_evaluate(config, workdir, on_step=on_step)
   params = jax.device_get(result['state'].params)
   flat = {
     convert.flax_path_to_torch_key('params', tuple(k.key for k in kp)): np.asarray(v)
     for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]
   }
-  flat['__val__'] = np.array(json.dumps({k: result['val'][k] for k in ('mIoU', 'mAcc', 'aAcc')}))
+  val = result['val'] or {}
+  flat['__val__'] = np.array(json.dumps({k: val[k] for k in ('mIoU', 'mAcc', 'aAcc') if k in val}))
+  flat['__status__'] = np.array(f'{result["status"]}:{result["step"]}')
   flat['__indices__'] = np.array(json.dumps(seen))
   path = out if jax.process_count() == 1 else f'{out}.{jax.process_index()}'
   np.savez(path, **flat)
