@@ -93,24 +93,28 @@ def _replicate(tree, sharding):
 class _Preemption:
   """SIGTERM sets a flag; the loop saves and exits at a step boundary.
 
-  Every process installs the handler. With several processes, a signalled
-  one posts a notice in the key-value store of JAX's coordination service
-  (the one `jax.distributed.initialize` started); every process looks for it
-  at each step boundary (one small RPC, no device work), and once seen each
-  posts the step it is at and all stop at the largest of those, so they save
-  the same step. A process that finishes the loop posts its last step, so a
-  notice that arrives at the very end cannot leave another one waiting.
+  Every process installs the handler. With several processes they must save
+  the same step, without waiting for each other on the host (a process
+  blocked there would hold back the collectives of the others' next step).
+  A signalled process proposes `its step + MARGIN` as the stop step in the
+  key-value store of JAX's coordination service (the first proposal wins:
+  the key is never overwritten); every process reads it at each step
+  boundary (one small RPC, no device work) and stops there. MARGIN = 2 is
+  enough: a process at boundary d has finished step d - 1 (the loop reads
+  its loss), whose collectives needed every other process to dispatch it,
+  so nobody is more than 2 boundaries past the proposer when the key
+  appears. A stop step past `total_steps` is simply the normal end.
   """
 
-  KEY = 'cgrseg_preemption'
-  TIMEOUT_MS = 10 * 60 * 1000
+  DIR = 'cgrseg_preemption/'
+  KEY = DIR + 'stop_at'
+  MARGIN = 2
 
   def __init__(self):
     self.flag = False
     self._previous = None
     self._client = None
     self._stop_at = None
-    self._noticed = False
 
   def __enter__(self):
     self._previous = signal.signal(signal.SIGTERM, self._handler)
@@ -128,27 +132,16 @@ class _Preemption:
     if self._client is None:
       return self.flag
     if self._stop_at is None:
-      if self.flag and not self._noticed:
-        self._client.key_value_set(f'{self.KEY}/notice/{jax.process_index()}', str(step), allow_overwrite=True)
-      if self.flag or self._client.key_value_dir_get(f'{self.KEY}/notice/'):
-        self._noticed = True
-        self._stop_at = self._agree(step)
-        log.warning('preemption notice: all processes stop after step %d', self._stop_at)
+      if self.flag:
+        try:
+          self._client.key_value_set(self.KEY, str(step + self.MARGIN))
+        except Exception:  # another process proposed first: its step stands
+          pass
+      found = self._client.key_value_dir_get(self.DIR)
+      if found:
+        self._stop_at = int(found[0][1])
+        log.warning('preemption notice: all processes save and stop after step %d', self._stop_at)
     return self._stop_at is not None and step >= self._stop_at
-
-  def _agree(self, step: int) -> int:
-    """Post `step`, wait for every process's, return the largest."""
-    self._client.key_value_set(f'{self.KEY}/step/{jax.process_index()}', str(step), allow_overwrite=True)
-    steps = [
-      int(self._client.blocking_key_value_get(f'{self.KEY}/step/{i}', self.TIMEOUT_MS))
-      for i in range(jax.process_count())
-    ]
-    return max(steps)
-
-  def finished(self, step: int):
-    """The loop ended at `step` (a process still agreeing on a stop step reads it)."""
-    if self._client is not None and self._stop_at is None:
-      self._client.key_value_set(f'{self.KEY}/step/{jax.process_index()}', str(step), allow_overwrite=True)
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -377,7 +370,6 @@ def train_and_evaluate(
           break
       if pending is not None:
         check(pending)
-      preemption.finished(int(jax.device_get(state.step)) if pending is None else pending[0])
     ckpts.wait()  # a failed background write raises here
     finished = True
   finally:

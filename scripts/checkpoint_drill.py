@@ -4,16 +4,19 @@ never interrupted (issue 12; run by hand, not part of the tests).
 
   python scripts/checkpoint_drill.py --kills=10 --workdir=/tmp/drill
 
-Each attempt runs main.py on the same workdir and is killed after a random
-delay drawn from [0, duration of the uninterrupted run), so kills land in
-start-up, compilation, steps and asynchronous saves alike; after the last kill
-the run is left to finish. Compilation is cached on disk to keep attempts short.
+Each attempt runs main.py on the same workdir and is killed at a random
+moment: every third kill anywhere in start-up (restore, compilation), the
+others after training resumed, at a delay drawn from [0, the training time
+still to go), so they land in steps and asynchronous saves (and the
+deletions of old checkpoints, keep_checkpoints=2). After the last kill the run
+is left to finish. Compilation is cached on disk to keep attempts short.
 """
 
 import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -40,18 +43,27 @@ FLAGS = [
 ]
 
 
-def run(workdir, args, env, log, kill_after=None):
-  """main.py on `workdir`; SIGKILLed after `kill_after` seconds. Returns (exit code, seconds)."""
+def run(workdir, args, env, log, kill=None):
+  """main.py on `workdir`. kill=(after_training_started, delay): SIGKILL `delay` seconds after
+  start, or after the first training step was logged. Returns (exit code, seconds to the first step, seconds)."""
   cmd = [sys.executable, 'main.py', f'--workdir={workdir}', *FLAGS, *args]
   t = time.time()
+  first_step = None
   with open(log, 'w') as f:
     p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    try:
-      return p.wait(timeout=kill_after), time.time() - t
-    except subprocess.TimeoutExpired:
-      p.send_signal(signal.SIGKILL)
-      p.wait()
-      return -signal.SIGKILL, time.time() - t
+    while p.poll() is None:
+      time.sleep(0.05)
+      now = time.time()
+      if first_step is None and re.search(r'\] step \d+/', open(log).read()):
+        first_step = now - t
+      if kill is not None:
+        after_start, delay = kill
+        start = first_step if after_start else 0.0
+        if start is not None and now - t >= start + delay:
+          p.send_signal(signal.SIGKILL)
+          p.wait()
+          return -signal.SIGKILL, first_step, now - t
+    return p.returncode, first_step, time.time() - t
 
 
 def final_state(workdir, step):
@@ -84,16 +96,20 @@ def main():
   ref, drill = os.path.join(a.workdir, 'straight'), os.path.join(a.workdir, 'killed')
   run(ref, args, env, os.path.join(a.workdir, 'warmup.log'))  # fills the compilation cache
   shutil.rmtree(ref)
-  code, duration = run(ref, args, env, os.path.join(a.workdir, 'straight.log'))
+  code, startup, duration = run(ref, args, env, os.path.join(a.workdir, 'straight.log'))
   assert code == 0, f'uninterrupted run failed, see {a.workdir}/straight.log'
-  print(f'uninterrupted run: {duration:.1f}s')
+  print(f'uninterrupted run: {duration:.1f}s, first step logged at {startup:.1f}s')
 
-  kills, attempt, records = 0, 0, []
+  kills, attempt, records, steps = 0, 0, [], []
   while True:
     attempt += 1
-    delay = rng.uniform(0, duration) if kills < a.kills else None
+    kill = None
+    if kills < a.kills:
+      after_start = kills % 3 != 0
+      left = (duration - startup) * (a.steps - max(steps, default=0)) / a.steps  # training time still to go
+      kill = (after_start, rng.uniform(0, left if after_start else startup))
     log = os.path.join(a.workdir, f'attempt{attempt}.log')
-    code, took = run(drill, args, env, log, kill_after=delay)
+    code, _, took = run(drill, args, env, log, kill=kill)
     text = open(log).read()
     resumed = [l.split('checkpoints/')[-1].strip() for l in text.splitlines() if 'resumed from' in l]
     steps = (
@@ -103,7 +119,7 @@ def main():
     )
     rec = dict(
       attempt=attempt,
-      kill_after=delay,
+      kill=kill and ('after first step' if kill[0] else 'after start', round(kill[1], 2)),
       exit=code,
       resumed_from=resumed[0] if resumed else None,
       steps_on_disk=sorted(steps),
