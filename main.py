@@ -1,10 +1,11 @@
-"""Train or evaluate CGRSeg.
+"""Train or evaluate a registered segmentation model (config.model.name).
 
-  python main.py --config=configs/synthetic_t.py --workdir=/tmp/demo
-  python main.py --config=configs/ade20k_t.py --workdir=runs/t \\
+  python main.py --config=configs/synthetic_t.py            # workdir runs/synthetic_t
+  python main.py --config=configs/ade20k_t.py \\
       --config.data.root=data/ade/ADEChallengeData2016 --config.init=eformer_s1_450.pth
-  python main.py --config=configs/ade20k_t.py --workdir=runs/t --mode=eval --config.init=cgrseg_t.pth
+  python main.py --config=configs/ade20k_t.py --mode=eval --config.init=cgrseg_t.pth
 
+--workdir defaults to runs/<config file name without .py> (printed at start).
 Training resumes from <workdir>/checkpoints when a checkpoint is there.
 Several processes (TPU pod, Slurm, or explicit --coordinator_address/
 --num_processes/--process_id) call jax.distributed.initialize() first.
@@ -23,7 +24,7 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/synthetic_t.py', 'Training configuration.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics.')
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics (default runs/<config name>).')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes automatically) or eval.')
 flags.DEFINE_enum(
   'distributed',
@@ -35,7 +36,6 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-
 flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 flags.DEFINE_integer('process_id', None, 'This process (0-based).')
 flags.DEFINE_bool('verbose', False, 'Print the full traceback of expected errors (config, data, checkpoint) too.')
-flags.mark_flags_as_required(['workdir'])
 
 USER_ERROR_EXIT = 2
 
@@ -56,6 +56,11 @@ def _drop_traceback(record: logging.LogRecord) -> bool:
   return True
 
 
+def default_workdir(config_path: str) -> str:
+  """mmseg's work_dirs/<config>: runs/<config file stem>."""
+  return os.path.join('runs', os.path.splitext(os.path.basename(config_path.split(':')[0]))[0])
+
+
 def main(argv):
   del argv
   import jax
@@ -72,13 +77,19 @@ def main(argv):
     if not FLAGS.verbose:  # orbax logs a failed background write with its traceback; the error says it in one line
       logging.getLogger(noisy).addFilter(_drop_traceback)
 
-  from cgrseg_jax import errors, train
+  from cgrseg_jax import errors
 
+  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
+  logging.info('workdir: %s', workdir)
   try:
     if FLAGS.mode == 'eval':
-      train.evaluate_only(FLAGS.config, FLAGS.workdir)
+      from cgrseg_jax import evaluate
+
+      evaluate.run(FLAGS.config, workdir)
     else:
-      result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      from cgrseg_jax import train
+
+      result = train.train_and_evaluate(FLAGS.config, workdir)
       logging.info('finished at step %d (%s)', result['step'], result['status'])
   except errors.UserError as e:
     if FLAGS.verbose:

@@ -166,6 +166,7 @@ class ShardedTrainIterator:
       it.set_state(s)
 
   def start_prefetch(self):
+    # Not dead code: grain's orbax handler calls it right after `set_state` on restore.
     for it in self.iterators:
       if hasattr(it, 'start_prefetch'):
         it.start_prefetch()

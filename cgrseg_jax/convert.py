@@ -1,51 +1,29 @@
-"""PyTorch <-> Flax checkpoint conversion for CGRSeg and EfficientFormerV2.
+"""PyTorch <-> Flax variables for any registered model family.
 
 The Flax modules carry the PyTorch module names, so a variable path maps to a
-state-dict key mechanically:
+state-dict key mechanically, by the family's `KeyLayout`
+(`cgrseg_jax/models/registry.py`):
 
   ('decode_head', 'SIM_0', 'fuse1', 'conv', 'kernel')  <->  decode_head.SIM.0.fuse1.conv.weight
 
-- a module `<list>_<i>` is element i of a PyTorch ModuleList/Sequential named
-  in `LIST_MODULES`; other names are used as they are;
-- leaves are renamed by `LEAF_NAMES` (kernel/scale -> weight, mean/var ->
-  running_mean/running_var);
-- 4-D conv kernels go HWIO <-> OIHW; other tensors are reshaped where PyTorch
-  keeps trailing singleton dims (layer scales (C,1,1), LayerNorm([C,1,1])).
+4-D conv kernels go HWIO <-> OIHW; other tensors are reshaped where the family
+says PyTorch keeps another shape. Buffers with no Flax variable are checked or
+skipped on load and regenerated on export, as the layout says.
 
-Buffers that are not Flax variables (BN `num_batches_tracked`, the index tables
-`attention_bias_idxs_seg`, and the unused ImageNet-size `attention_biases` /
-`attention_bias_idxs`) are checked or skipped on load and regenerated on export.
+Reading files of any format (and detecting what they hold) is `cgrseg_jax.loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Any, Mapping, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cgrseg_jax import errors
-
-from cgrseg_jax.models import BACKBONES, VARIANTS, build_segmentor
-from cgrseg_jax.models.efficientformer_v2 import attention_bias_index
-
-LIST_MODULES = ('network', 'transformer_blocks', 'SIM', 'meta', 'conv')
-_LIST_RE = re.compile(r'^(%s)_(\d+)$' % '|'.join(LIST_MODULES))
-LEAF_NAMES = {
-  ('params', 'kernel'): 'weight',
-  ('params', 'scale'): 'weight',
-  ('batch_stats', 'mean'): 'running_mean',
-  ('batch_stats', 'var'): 'running_var',
-}
-# Buffers with no Flax counterpart. On load they are checked (index tables) or
-# skipped; ImageNet classifier keys are skipped when loading a backbone.
-_BUFFER_SUFFIXES = ('num_batches_tracked', 'attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg')
-_IMAGENET_HEAD_RE = re.compile(r'^(norm|head|dist_head)\.')
-
+from cgrseg_jax.models import registry
+from cgrseg_jax.models.registry import KeyLayout
 
 ConversionError = errors.ConversionError
 
@@ -57,8 +35,16 @@ class LoadReport:
   used: list[str] = dataclasses.field(default_factory=list)
   skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
   missing: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> what was done instead
-  variant: Optional[str] = None
+  model: Optional[str] = None  # registered model name
   num_classes: Optional[int] = None
+
+  @property
+  def variant(self) -> Optional[str]:
+    """The model name without its family prefix ('cgrseg_t' -> 't')."""
+    if self.model is None:
+      return None
+    family = registry.family_of(self.model).name
+    return self.model[len(family) + 1 :] if self.model.startswith(family + '_') else self.model
 
   def summary(self) -> str:
     lines = [f'used {len(self.used)} keys, skipped {len(self.skipped)}, missing {len(self.missing)}']
@@ -72,20 +58,11 @@ class LoadReport:
     return '\n'.join(lines)
 
 
-# --------------------------------------------------------------------------- names
+# --------------------------------------------------------------------------- trees
 
 
-def flax_path_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """('params', ('backbone', 'network_0', '0', 'mlp', 'fc1', 'kernel')) -> 'backbone.network.0.0.mlp.fc1.weight'."""
-  parts = []
-  for p in path[:-1]:
-    m = _LIST_RE.match(p)
-    parts.extend([m.group(1), m.group(2)] if m else [p])
-  parts.append(LEAF_NAMES.get((collection, path[-1]), path[-1]))
-  return '.'.join(parts)
-
-
-def _flatten(variables: Mapping[str, Any]) -> dict[tuple[str, tuple[str, ...]], Any]:
+def flatten(variables: Mapping[str, Any]) -> dict[tuple[str, tuple[str, ...]], Any]:
+  """{collection: tree} -> {(collection, path): leaf}."""
   out = {}
   for collection, tree in variables.items():
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -93,7 +70,7 @@ def _flatten(variables: Mapping[str, Any]) -> dict[tuple[str, tuple[str, ...]], 
   return out
 
 
-def _unflatten(flat: Mapping[tuple[str, tuple[str, ...]], Any]) -> dict:
+def unflatten(flat: Mapping[tuple[str, tuple[str, ...]], Any]) -> dict:
   out: dict = {}
   for (collection, path), leaf in flat.items():
     node = out.setdefault(collection, {})
@@ -103,80 +80,20 @@ def _unflatten(flat: Mapping[tuple[str, tuple[str, ...]], Any]) -> dict:
   return out
 
 
-def torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The PyTorch shape of a variable given its Flax shape."""
-  if len(flax_shape) == 4:  # HWIO -> OIHW
-    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
-  if re.search(r'layer_scale_\d$', key) or re.search(r'channel_mul_conv\.1\.(weight|bias)$', key):
-    return tuple(flax_shape) + (1, 1)
-  return tuple(flax_shape)
-
-
-def _to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
+def to_flax(value: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
   if value.ndim == 4:
     value = value.transpose(2, 3, 1, 0)
   return value.reshape(flax_shape)
 
 
-def _to_torch(value: np.ndarray, key: str) -> np.ndarray:
-  shape = torch_shape(key, value.shape)
+def to_torch(value: np.ndarray, key: str, layout: KeyLayout) -> np.ndarray:
   if value.ndim == 4:
     return value.transpose(3, 2, 0, 1)
-  return value.reshape(shape)
+  return value.reshape(layout.torch_shape(key, value.shape))
 
 
-# --------------------------------------------------------------------------- templates
-
-
-def variable_shapes(variant: str, num_classes: int) -> dict:
-  """Shapes/dtypes of a segmentor's variables, without computing anything."""
-  model = build_segmentor(variant, num_classes)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
-
-
-def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict:
-  return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def detect_variant(state: Mapping[str, Any]) -> tuple[str, int]:
-  """(variant, num_classes) of an mmseg CGRSeg state dict, read off its shapes."""
-  backbone = detect_backbone(_strip_prefix(state, 'backbone.'))
-  try:
-    num_classes, channels = _shape(state, 'decode_head.conv_seg.weight')[:2]
-    band = _shape(state, 'decode_head.meta.0.token_mixer.excite.0.weight')[-1]
-  except KeyError as e:
-    raise ConversionError(f'not a CGRSeg checkpoint: key {e.args[0]!r} is missing') from None
-  repeat = len({k.split('.')[3] for k in state if k.startswith('decode_head.trans.transformer_blocks.')})
-  found = dict(backbone=backbone, channels=channels, next_repeat=repeat, band_kernel=band)
-  for name, cfg in VARIANTS.items():
-    if all(cfg[k] == v for k, v in found.items()):
-      return name, num_classes
-  raise ConversionError(f'checkpoint matches no CGRSeg variant: found {found}; known variants {VARIANTS}')
-
-
-def detect_backbone(state: Mapping[str, Any]) -> str:
-  """EfficientFormerV2 size ('s0', 's1', 's2', 'l') from a backbone state dict (no prefix)."""
-  depths = tuple(len({k.split('.')[2] for k in state if k.startswith(f'network.{2 * i}.')}) for i in range(4))
-  try:
-    widths = tuple(_shape(state, f'network.{2 * i}.0.mlp.fc2.weight')[0] for i in range(4))
-  except KeyError as e:
-    raise ConversionError(f'not an EfficientFormerV2 state dict: key {e.args[0]!r} is missing') from None
-  for name, cfg in BACKBONES.items():
-    if tuple(cfg['widths']) == widths and tuple(cfg['depths']) == depths:
-      return name
-  raise ConversionError(f'unknown EfficientFormerV2 size: widths {widths}, depths {depths}')
-
-
-def _shape(state, key):
-  if key not in state:
-    raise KeyError(key)
-  return tuple(state[key].shape)
-
-
-# --------------------------------------------------------------------------- torch -> flax
-
-
-def _numpy(v) -> np.ndarray:
+def numpy(v) -> np.ndarray:
+  """A torch tensor or array -> numpy (bfloat16 tensors as float32)."""
   if hasattr(v, 'detach'):
     v = v.detach().cpu()
     if str(v.dtype) == 'torch.bfloat16':
@@ -185,73 +102,103 @@ def _numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
+# --------------------------------------------------------------------------- torch -> flax
+
+
+def resolve_model(found: str, model: Optional[str] = None, variant: Optional[str] = None) -> None:
+  """Raise if a requested `model` / `variant` disagrees with the `found` model name."""
+  family = registry.family_of(found).name
+  if model is not None and model != found:
+    raise ConversionError(f'checkpoint is {found} (read from its shapes), but model {model!r} was requested')
+  if variant is not None and variant not in (found, found[len(family) + 1 :]):
+    raise ConversionError(f'checkpoint is {found} (read from its shapes), but variant {variant!r} was requested')
+
+
+def detect(state: Mapping[str, Any]) -> tuple[str, int]:
+  """(model name, num_classes) of a full-model state dict, asking every registered family."""
+  tried = []
+  for family in registry.families():
+    try:
+      return family.detect(state)
+    except ConversionError as e:
+      tried.append(f'{family.name}: {e}')
+  sample = ', '.join(list(state)[:4])
+  raise ConversionError(
+    f'the state dict ({len(state)} keys, e.g. {sample}) matches no registered model family:\n  ' + '\n  '.join(tried)
+  )
+
+
 def state_dict_to_variables(
-  state: Mapping[str, Any], variant: Optional[str] = None, num_classes: Optional[int] = None
+  state: Mapping[str, Any],
+  variant: Optional[str] = None,
+  num_classes: Optional[int] = None,
+  model: Optional[str] = None,
 ) -> tuple[dict, LoadReport]:
-  """An mmseg CGRSeg state dict (keys `backbone.*`, `decode_head.*`) -> Flax variables.
+  """A full-model PyTorch state dict -> Flax variables of the model it holds.
 
   Strict: every model variable must be present with the right shape, and every
   checkpoint key must be used or be a known buffer.
   """
-  found_variant, found_classes = detect_variant(state)
-  if variant is not None and variant != found_variant:
-    raise ConversionError(
-      f'checkpoint is CGRSeg-{found_variant.upper()} (read from its shapes), but variant {variant!r} was requested'
-    )
+  found, found_classes = detect(state)
+  resolve_model(found, model, variant)
   if num_classes is not None and num_classes != found_classes:
-    raise ConversionError(
-      f'checkpoint has {found_classes} classes (decode_head.conv_seg.weight), '
-      f'but num_classes={num_classes} was requested'
-    )
-  template = variable_shapes(found_variant, found_classes)
-  variables, report = fill_from_state_dict(state, template, strict=True)
-  report.variant, report.num_classes = found_variant, found_classes
+    raise ConversionError(f'checkpoint has {found_classes} classes, but num_classes={num_classes} was requested')
+  family = registry.family_of(found)
+  template = family.variable_shapes(found, found_classes)
+  variables, report = fill_from_state_dict(state, template, family.key_layout, strict=True)
+  report.model, report.num_classes = found, found_classes
   return variables, report
 
 
 def fill_from_state_dict(
   state: Mapping[str, Any],
   template: Mapping[str, Any],
+  layout: KeyLayout,
   strict: bool = True,
   prefix: str = '',
   zero_if_missing: tuple[str, ...] = (),
+  skip_unused=None,
 ) -> tuple[dict, LoadReport]:
   """Fill `template` (a variables tree of shapes, e.g. from `jax.eval_shape` of
   any module's `init`) from a PyTorch state dict of the matching module.
 
   `prefix` is cut from the PyTorch names the template produces; variables whose
-  name ends with one of `zero_if_missing` may be absent and start at zero.
-  `strict` makes unknown checkpoint keys an error instead of a skip."""
+  key ends with one of `zero_if_missing` start at zero when absent. Unused
+  checkpoint keys are an error when `strict`, else skipped; `skip_unused(key)`
+  may name a reason to skip a key (e.g. an ImageNet classifier)."""
   report = LoadReport()
   flat = {}
-  for (collection, path), leaf in _flatten(template).items():
-    key = flax_path_to_torch_key(collection, path)[len(prefix) :]
+  for (collection, path), leaf in flatten(template).items():
+    key = layout.torch_key(collection, path)[len(prefix) :]
     want = tuple(leaf.shape)
     if key not in state:
       if key.endswith(zero_if_missing):
         flat[(collection, path)] = np.zeros(want, np.float32)
         report.missing[key] = 'initialised to zeros'
         continue
-      raise ConversionError(f'checkpoint is missing key {key!r} (expected PyTorch shape {torch_shape(key, want)})')
-    value = _numpy(state[key])
-    if tuple(value.shape) != torch_shape(key, want):
       raise ConversionError(
-        f'shape mismatch for key {key!r}: checkpoint has {tuple(value.shape)}, model expects {torch_shape(key, want)}'
+        f'checkpoint is missing key {key!r} (expected PyTorch shape {layout.torch_shape(key, want)})'
       )
-    flat[(collection, path)] = _to_flax(value, want).astype(np.float32)
+    value = numpy(state[key])
+    if tuple(value.shape) != layout.torch_shape(key, want):
+      raise ConversionError(
+        f'shape mismatch for key {key!r}: checkpoint has {tuple(value.shape)}, '
+        f'model expects {layout.torch_shape(key, want)}'
+      )
+    flat[(collection, path)] = to_flax(value, want).astype(np.float32)
     report.used.append(key)
 
   used = set(report.used)
   for key in state:
     if key in used:
       continue
-    if key.endswith('attention_bias_idxs_seg'):
-      _check_bias_index(key, _numpy(state[key]))
-      report.skipped[key] = 'index table, recomputed by the model'
-    elif key.endswith(_BUFFER_SUFFIXES):
+    why = skip_unused(key) if skip_unused is not None else None
+    if key.endswith(layout.skip_suffixes):
+      if layout.check_buffer is not None:
+        layout.check_buffer(key, numpy(state[key]))
       report.skipped[key] = 'buffer not used by the model'
-    elif not strict and _IMAGENET_HEAD_RE.match(key):
-      report.skipped[key] = 'ImageNet classifier'
+    elif why:
+      report.skipped[key] = why
     elif strict:
       raise ConversionError(
         f'unexpected key {key!r} {tuple(state[key].shape)} in checkpoint: '
@@ -259,18 +206,7 @@ def fill_from_state_dict(
       )
     else:
       report.skipped[key] = 'not in the model'
-  return _unflatten(flat), report
-
-
-def _check_bias_index(key: str, table: np.ndarray):
-  n_query, n_key = table.shape
-  resolution = math.isqrt(n_key)
-  ours, _ = attention_bias_index(resolution, downsample=n_query != n_key)
-  if ours.shape != table.shape or not np.array_equal(ours, table):
-    raise ConversionError(
-      f'{key}: attention bias index table {table.shape} differs from the one this model '
-      f'computes for resolution {resolution}'
-    )
+  return unflatten(flat), report
 
 
 def load_torch_checkpoint(
@@ -279,47 +215,17 @@ def load_torch_checkpoint(
   num_classes: Optional[int] = None,
   return_report: bool = False,
   verbose: bool = False,
+  model: Optional[str] = None,
 ):
-  """Read an upstream mmseg CGRSeg `.pth` (dict with `state_dict`) into Flax variables."""
-  state = read_torch_file(path)
-  try:
-    variables, report = state_dict_to_variables(state, variant, num_classes)
-  except ConversionError as e:
-    raise ConversionError(f'{path}: {e}') from None
+  """Read an upstream full-model `.pth` (mmseg `{'state_dict', 'meta'}` or bare)
+  of any registered family into Flax variables; `model` (a registered name) or
+  `variant` ('t' for cgrseg_t) and `num_classes` are checked against it."""
+  from cgrseg_jax import loader
+
+  loaded = loader.load(path, model=model, variant=variant, num_classes=num_classes, kinds=('torch',))
   if verbose:
-    print(f'{path}: CGRSeg-{report.variant.upper()}, {report.num_classes} classes\n{report.summary()}')
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
-  return (variables, report) if return_report else variables
-
-
-def load_backbone_checkpoint(
-  path: str, backbone: Optional[str] = None, return_report: bool = False, verbose: bool = False
-):
-  """An EfficientFormerV2 ImageNet checkpoint (`eformer_*_450.pth`: a dict with
-  `model`, or a bare state dict) -> variables of the `backbone` submodule.
-
-  Non-strict as upstream: classifier keys and ImageNet attention biases are
-  skipped; `attention_biases_seg` is missing there and starts at zero.
-  """
-  state = read_torch_file(path)
-  if any(k.startswith('backbone.') for k in state):
-    state = _strip_prefix(state, 'backbone.')
-  found = detect_backbone(state)
-  if backbone is not None and backbone != found:
-    raise ConversionError(f'{path}: checkpoint is EfficientFormerV2-{found.upper()}, expected {backbone.upper()}')
-  model = build_segmentor(next(v for v, c in VARIANTS.items() if c['backbone'] == found))
-  shapes = jax.eval_shape(lambda: model.backbone.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-  template = {c: {'backbone': t} for c, t in shapes.items()}
-  try:
-    variables, report = fill_from_state_dict(
-      state, template, strict=False, prefix='backbone.', zero_if_missing=('attention_biases_seg',)
-    )
-  except ConversionError as e:
-    raise ConversionError(f'{path}: {e}') from None
-  if verbose:
-    print(f'{path}: EfficientFormerV2-{found.upper()}\n{report.summary()}')
-  variables = {c: jax.tree_util.tree_map(jnp.asarray, t['backbone']) for c, t in variables.items()}
-  return (variables, report) if return_report else variables
+    print(f'{path}: {loaded.model}, {loaded.num_classes} classes\n{loaded.report.summary()}')
+  return (loaded.variables, loaded.report) if return_report else loaded.variables
 
 
 def read_torch_file(path: str) -> dict:
@@ -348,70 +254,24 @@ def read_torch_file(path: str) -> dict:
 # --------------------------------------------------------------------------- flax -> torch
 
 
-def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flax variables -> an mmseg state dict in the upstream layout (numpy
-  arrays), buffers included, loadable strictly by the upstream model."""
+def variables_to_state_dict(variables: Mapping[str, Any], model: str) -> dict[str, np.ndarray]:
+  """Flax variables of the registered `model` -> a PyTorch state dict in the
+  upstream layout (numpy arrays), buffers included."""
+  layout = registry.family_of(model).key_layout
   state: dict[str, np.ndarray] = {}
-  for (collection, path), leaf in _flatten({c: variables[c] for c in ('params', 'batch_stats')}).items():
-    key = flax_path_to_torch_key(collection, path)
-    state[key] = np.ascontiguousarray(_to_torch(np.asarray(leaf, np.float32), key))
+  for (collection, path), leaf in flatten({c: variables[c] for c in ('params', 'batch_stats')}).items():
+    key = layout.torch_key(collection, path)
+    state[key] = np.ascontiguousarray(to_torch(np.asarray(leaf, np.float32), key, layout))
     if collection == 'batch_stats' and path[-1] == 'var':
       state[key[: -len('running_var')] + 'num_batches_tracked'] = np.array(0, np.int64)
-    if path[-1] == 'attention_biases_seg':
-      base = key[: -len('attention_biases_seg')]
-      heads, n_offsets = leaf.shape
-      downsample = '.attn.' in key
-      table, _ = attention_bias_index(math.isqrt(n_offsets), downsample)
-      # ImageNet-size leftovers kept by the upstream module (7x7 queries, 7x7 or 14x14 keys).
-      n_key = 196 if downsample else 49
-      state[base + 'attention_biases'] = np.zeros((heads, n_key), np.float32)
-      state[base + 'attention_bias_idxs'] = np.ones((49, n_key), np.int64)
-      state[base + 'attention_bias_idxs_seg'] = table.astype(np.int64)
+    if layout.extra_buffers is not None:
+      state.update(layout.extra_buffers(key, collection, path, leaf))
   return state
 
 
-def save_torch_checkpoint(path: str, variables: Mapping[str, Any], meta: Optional[dict] = None):
+def save_torch_checkpoint(path: str, variables: Mapping[str, Any], model: str, meta: Optional[dict] = None):
   """Write variables as an mmseg checkpoint `{'meta': ..., 'state_dict': ...}`."""
   import torch
 
-  state = {k: torch.from_numpy(np.array(v)) for k, v in variables_to_state_dict(variables).items()}
-  torch.save({'meta': dict(meta or {}), 'state_dict': state}, path)
-
-
-# --------------------------------------------------------------------------- orbax
-
-
-def save_variables(directory: str, variables: Mapping[str, Any], variant: str, num_classes: int, source: str = ''):
-  """Write converted variables as an orbax checkpoint plus `cgrseg.json`
-  (variant, classes), the format `load_variables` and the training config's
-  `init` read."""
-  import json
-  import os
-
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  tree = {c: variables[c] for c in ('params', 'batch_stats')}
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, 'variables'), tree)
-  with open(os.path.join(directory, 'cgrseg.json'), 'w') as f:
-    json.dump(dict(variant=variant, num_classes=num_classes, source=source), f, indent=2)
-
-
-def load_variables(directory: str) -> tuple[dict, dict]:
-  """Read a directory written by `save_variables` -> (variables, meta)."""
-  import json
-  import os
-
-  import orbax.checkpoint as ocp
-
-  directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, 'cgrseg.json')
-  if not os.path.exists(meta_path):
-    raise ConversionError(f'{directory}: not a converted CGRSeg checkpoint (no cgrseg.json)')
-  with open(meta_path) as f:
-    meta = json.load(f)
-  template = variable_shapes(meta['variant'], meta['num_classes'])
-  with ocp.StandardCheckpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(directory, 'variables'), template)
-  return dict(variables), meta
+  state = {k: torch.from_numpy(np.array(v)) for k, v in variables_to_state_dict(variables, model).items()}
+  torch.save({'meta': dict(meta or {}, model=model), 'state_dict': state}, path)

@@ -1,4 +1,14 @@
-"""Whole-image evaluation with the mmseg 0.27 metric.
+"""Evaluation with the mmseg 0.27 metric; evaluators are plugins chosen in the config.
+
+`config.eval.evaluator` names one of `EVALUATORS` ('auto': 'segmenter' when
+TTA or slide inference is asked for, else 'bucketed'):
+
+- 'bucketed' (this module): single-scale whole-image inference on the eval
+  input pipeline's pre-bucketed, sharded batches; only (K,) areas come back;
+- 'segmenter' (evaluate_tta.py): per image through `inference.Segmenter`, for
+  multi-scale/flip TTA and slide inference.
+
+Both use the one test-time pipeline (`testtime.py`). `run` is `--mode=eval`.
 
 Metric (mmseg `intersect_and_union` + `total_area_to_metrics`): per class, the
 areas of intersection, union, prediction and label are summed over the whole
@@ -17,6 +27,9 @@ and summed over the sharded batch, so only (K,) vectors come back to the host.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import time
 import warnings
 from typing import Callable, Iterable, Optional, Sequence
@@ -25,33 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
+from cgrseg_jax import testtime
+
+log = logging.getLogger(__name__)
+IGNORE_INDEX = testtime.IGNORE_INDEX
 
 
-# ------------------------------------------------------------------ areas
-
-
-def area_counts(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX):
-  """(4, K) int32: intersection, union, prediction and label areas of one batch.
-
-  pred, label: integer arrays of the same shape. Labels outside [0, K) other
-  than `ignore_index` are counted nowhere (as mmseg's `histc` drops them).
-  """
-  pred = pred.astype(jnp.int32).reshape(-1)
-  label = label.astype(jnp.int32).reshape(-1)
-  valid = label != ignore_index
-  k = num_classes
-
-  # Out-of-range ids go to the overflow bin k, which is dropped.
-  def hist(ids, mask):
-    ids = jnp.where(mask & (ids >= 0) & (ids < k), ids, k)
-    return jnp.zeros((k + 1,), jnp.int32).at[ids].add(1)[:k]
-
-  area_pred = hist(pred, valid)
-  area_label = hist(label, valid)
-  area_inter = hist(label, valid & (pred == label))
-  area_union = area_pred + area_label - area_inter
-  return jnp.stack([area_inter, area_union, area_pred, area_label])
+# ---------------------------------------------------------------- metric
 
 
 def metrics_from_areas(areas: np.ndarray, class_names: Optional[Sequence[str]] = None) -> dict:
@@ -90,33 +83,7 @@ def format_table(metrics: dict) -> str:
   return '\n'.join(lines)
 
 
-# -------------------------------------------------------- post-processing
-
-
-def _linear_taps(in_size, out_size, n_out: int):
-  """PyTorch bilinear (align_corners False) taps for a *traced* in/out size,
-  evaluated at the n_out static output positions (those >= out_size unused)."""
-  d = jnp.arange(n_out, dtype=jnp.float32)
-  scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
-  src = jnp.maximum((d + 0.5) * scale - 0.5, 0.0)
-  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-  i1 = jnp.minimum(i0 + 1, in_size - 1)
-  w1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
-  return i0, i1, 1.0 - w1, w1
-
-
-def crop_and_resize(logits, valid_hw, orig_hw, out_shape):
-  """Per image: logits[:h, :w] resized bilinearly to (oh, ow), placed in an
-  `out_shape` canvas. Sizes are traced, so one compile serves a whole bucket.
-
-  logits: (Hb, Wb, K); valid_hw, orig_hw: (2,) int32.
-  """
-  h, w = valid_hw[0], valid_hw[1]
-  oh, ow = orig_hw[0], orig_hw[1]
-  i0, i1, a0, a1 = _linear_taps(h, oh, out_shape[0])
-  rows = logits[i0] * a0[:, None, None] + logits[i1] * a1[:, None, None]
-  j0, j1, b0, b1 = _linear_taps(w, ow, out_shape[1])
-  return rows[:, j0] * b0[None, :, None] + rows[:, j1] * b1[None, :, None]
+# ------------------------------------------------- bucketed whole-image
 
 
 def make_eval_step(model, mesh, num_classes: int, normalize: Callable, ignore_index: int = IGNORE_INDEX):
@@ -132,10 +99,10 @@ def make_eval_step(model, mesh, num_classes: int, normalize: Callable, ignore_in
     x = normalize(batch['image'], batch['valid_hw'])
     logits = model.apply(variables, x, train=False)  # at the padded input size
     out_shape = batch['label'].shape[1:3]
-    pred = jax.vmap(lambda l, v, o: jnp.argmax(crop_and_resize(l, v, o, out_shape), axis=-1))(
+    pred = jax.vmap(lambda l, v, o: jnp.argmax(testtime.crop_and_resize(l, v, o, out_shape), axis=-1))(
       logits, batch['valid_hw'], batch['orig_hw']
     )
-    return area_counts(pred, batch['label'], num_classes, ignore_index)
+    return testtime.area_counts(pred, batch['label'], num_classes, ignore_index)
 
   return jax.jit(
     step,
@@ -175,3 +142,106 @@ def evaluate(
   metrics['eval_seconds'] = time.time() - t0
   metrics['eval_batches'] = n
   return metrics
+
+
+# ------------------------------------------------------------ evaluators
+
+# name -> factory(config, model, mesh) -> evaluator; evaluator(variables) -> metrics.
+EVALUATORS: dict[str, Callable] = {}
+
+
+def register_evaluator(name: str):
+  def wrap(factory):
+    EVALUATORS[name] = factory
+    return factory
+
+  return wrap
+
+
+@register_evaluator('bucketed')
+class BucketedEvaluator:
+  """The eval split through `batches.eval_data`, one jitted step per bucket shape."""
+
+  def __init__(self, config, model, mesh):
+    from cgrseg_jax import batches
+
+    self.config, self.mesh = config, mesh
+    self.data = batches.eval_data(config)
+    self.step = _eval_step(model, mesh, config.model.num_classes)
+
+  def __call__(self, variables) -> dict:
+    from cgrseg_jax.data import pipeline as dp
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    repl = NamedSharding(self.mesh, P())
+    variables = jax.tree_util.tree_map(lambda v: jax.device_put(v, repl), variables)
+    return evaluate(
+      self.step,
+      variables,
+      self.data,
+      lambda b: dp.make_global_batch(b, self.mesh),
+      self.config.model.num_classes,
+      self.data.info.class_names or None,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_step(model, mesh, num_classes):
+  from cgrseg_jax.data import pipeline as dp
+
+  normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype)
+  return make_eval_step(model, mesh, num_classes, normalize)
+
+
+def make_evaluator(config, model, mesh):
+  """The evaluator `config.eval.evaluator` names ('auto': 'segmenter' when
+  `config.eval` asks for TTA or slide inference, else 'bucketed')."""
+  from cgrseg_jax import evaluate_tta  # the 'segmenter' plugin registers itself
+
+  ev = config.get('eval')
+  name = ev.get('evaluator', 'auto') if ev is not None else 'auto'
+  if name == 'auto':
+    name = 'bucketed' if evaluate_tta.eval_options(config) is None else 'segmenter'
+  if name not in EVALUATORS:
+    from cgrseg_jax import errors
+
+    raise errors.ConfigError(f'config.eval.evaluator={name!r}; expected auto or one of {sorted(EVALUATORS)}')
+  return EVALUATORS[name](config, model, mesh)
+
+
+def log_metrics(step: int, metrics: dict):
+  count = metrics.get('eval_images', metrics.get('eval_batches'))
+  log.info('step %d validation (%s, %.1fs):\n%s', step, count, metrics['eval_seconds'], format_table(metrics))
+
+
+def run(config, workdir: str) -> dict:
+  """`--mode=eval`: evaluate `config.init` (any format `loader.load` reads) or,
+  if it is 'scratch', the latest checkpoint of `workdir`."""
+  from jax.sharding import Mesh
+
+  from cgrseg_jax import batches, errors, loader, metric_writer
+  from cgrseg_jax.models import registry
+
+  config = batches.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
+  os.makedirs(workdir, exist_ok=True)
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  model = registry.build_from_config(config)
+  # Only the structure matters: every weight comes from the checkpoint.
+  shapes = registry.family_of(config.model.name).variable_shapes(config.model.name, config.model.num_classes)
+  fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+  init = config.init
+  if init in ('', 'scratch'):
+    init = workdir
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+      raise errors.ConfigError(f'--mode=eval needs --config.init=<weights> or a checkpoint in {workdir}/checkpoints')
+  full = tuple(k for k in loader.KINDS if k != 'backbone')
+  variables = loader.initial_variables(init, fresh, config.model.name, config.model.num_classes, kinds=full)
+  writer = metric_writer.MetricWriter(workdir)
+  try:
+    metrics = make_evaluator(config, model, mesh)(variables)
+    log_metrics(0, metrics)
+    writer.write(0, metrics, 'val')
+    return metrics
+  finally:
+    writer.close()

@@ -1,5 +1,5 @@
-"""Evaluation with test-time augmentation or slide inference (mmseg 0.27 `aug_test`
-/ `slide_inference`), through `inference.Segmenter`.
+"""The 'segmenter' evaluator: test-time augmentation or slide inference (mmseg
+0.27 `aug_test` / `slide_inference`), through `inference.Segmenter`.
 
 The default evaluation (`evaluate.make_eval_step`) is single-scale whole-image
 inference on pre-bucketed batches. Multi-scale/flip TTA needs the original
@@ -7,7 +7,8 @@ image (every view is resized from it) and the softmax maps averaged at the
 original size, so this path reads the validation source record by record and
 lets the segmenter do the test pipeline; only per-class areas are kept.
 
-Config (`config.eval`, all optional):
+Config (`config.eval`, all optional; `eval.evaluator='auto'` picks this one
+when TTA or slide is asked for):
 
   eval.mode = 'whole' | 'slide'; eval.crop_size, eval.stride (slide windows)
   eval.tta.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # ratios of data.img_scale; () = off
@@ -25,10 +26,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from cgrseg_jax import evaluate, testtime
 from cgrseg_jax.data import transforms as T
 
 log = logging.getLogger(__name__)
-IGNORE_INDEX = 255
 
 
 def eval_options(config) -> Optional[dict]:
@@ -52,21 +53,6 @@ def eval_options(config) -> Optional[dict]:
   )
 
 
-def area_counts(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-  """(4, K) int64 intersection / union / prediction / label areas (mmseg
-  `intersect_and_union`: ignored pixels dropped, ids outside [0, K) not counted)."""
-  valid = label != ignore_index
-  pred, label = pred[valid].astype(np.int64), label[valid].astype(np.int64)
-
-  def hist(ids):
-    ids = ids[(ids >= 0) & (ids < num_classes)]
-    return np.bincount(ids, minlength=num_classes)[:num_classes]
-
-  inter = hist(pred[pred == label])
-  area_pred, area_label = hist(pred), hist(label)
-  return np.stack([inter, area_pred + area_label - inter, area_pred, area_label])
-
-
 def evaluate_segmenter(
   segmenter,
   source,
@@ -82,8 +68,6 @@ def evaluate_segmenter(
 ) -> dict:
   """mmseg metrics of `segmenter` over `source` records ({'image': BGR uint8,
   'label': uint8}); `indices` restricts to a subset (e.g. this process's share)."""
-  from cgrseg_jax import evaluate
-
   indices = range(len(source)) if indices is None else indices
   total = np.zeros((4, num_classes), np.int64)
   t0, done = time.time(), 0
@@ -96,7 +80,7 @@ def evaluate_segmenter(
       label = T.reduce_zero_label(rec['label']) if reduce_zero_label else rec['label']
       if label.shape != pred.shape:
         raise ValueError(f'label of size {label.shape} for an image of size {pred.shape}')
-      total += area_counts(pred, label, num_classes)
+      total += np.asarray(testtime.area_counts(pred, label, num_classes), np.int64)
     done += len(chunk)
     chunk.clear()
     if progress is not None:
@@ -113,55 +97,64 @@ def evaluate_segmenter(
   return metrics
 
 
-def evaluate_from_config(config, model, variables) -> dict:
-  """The `--mode=eval` hook: TTA / slide evaluation of `variables` on the
-  config's validation split (each process its strided share; areas summed
-  over processes)."""
-  import jax
-  from cgrseg_jax import evaluate
-  from cgrseg_jax.data import pipeline as dp
-  from cgrseg_jax.inference import Segmenter
+@evaluate.register_evaluator('segmenter')
+class SegmenterEvaluator:
+  """TTA / slide evaluation on the config's validation split (each process its
+  strided share; areas summed over processes)."""
 
-  options = eval_options(config)
-  if options is None:
-    raise ValueError('config.eval asks for neither TTA nor slide inference; use the default evaluation')
-  d = config.data
-  kwargs = {}
-  if d.dataset == 'synthetic':
-    s = d.synthetic
-    kwargs = dict(num_classes=s.num_classes, image_size=tuple(s.image_size), seed=config.seed, num_samples=s.num_val)
-  source, info = dp.resolve_source(
-    d.dataset, d.root, d.val_split, source_kwargs=kwargs or None, num_classes=config.model.num_classes
-  )
-  n = len(source) if not d.get('eval_max_images') else min(len(source), int(d.eval_max_images))
-  mine = list(range(jax.process_index(), n, jax.process_count()))
-  seg = Segmenter(
-    model,
-    variables,
-    dataset=d.dataset,
-    img_scale=tuple(d.img_scale),
-    size_divisor=d.size_divisor,
-    mode=options['mode'],
-    crop_size=options['crop_size'],
-    stride=options['stride'],
-    class_names=info.class_names or None,
-  )
-  log.info('evaluating %d images with %s inference, TTA %s', len(mine), options['mode'], options['tta'])
-  metrics = evaluate_segmenter(
-    seg,
-    source,
-    num_classes=config.model.num_classes,
-    reduce_zero_label=info.reduce_zero_label,
-    tta=options['tta'],
-    class_names=info.class_names or None,
-    indices=mine,
-  )
-  areas = np.asarray(metrics.pop('areas'), np.int64)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+  def __init__(self, config, model, mesh):
+    import jax
+    from cgrseg_jax import batches
+    from cgrseg_jax.data import pipeline as dp
 
-    areas = np.asarray(multihost_utils.process_allgather(areas)).sum(0)
-    seconds = metrics['eval_seconds']
-    metrics = evaluate.metrics_from_areas(areas, info.class_names or None)
-    metrics.update(eval_seconds=seconds, eval_images=n)
-  return metrics
+    del mesh  # per-image inference on the local devices
+    self.config, self.model = config, model
+    self.options = eval_options(config) or dict(mode='whole', crop_size=(512, 512), stride=(341, 341), tta=None)
+    self.img_scale, self.size_divisor = batches.eval_resize_and_padding(config)
+    d = config.data
+    self.source, self.info = dp.resolve_source(
+      d.dataset,
+      d.root,
+      d.val_split,
+      source_kwargs=batches.source_kwargs(config, 'val') or None,
+      num_classes=config.model.num_classes,
+    )
+    self.n = len(self.source) if not d.get('eval_max_images') else min(len(self.source), int(d.eval_max_images))
+    self.mine = list(range(jax.process_index(), self.n, jax.process_count()))
+
+  def __call__(self, variables) -> dict:
+    import jax
+    from cgrseg_jax.inference import Segmenter
+
+    d, options = self.config.data, self.options
+    names = self.info.class_names or None
+    seg = Segmenter(
+      self.model,
+      variables,
+      dataset=d.dataset,
+      img_scale=self.img_scale,
+      size_divisor=self.size_divisor,
+      mode=options['mode'],
+      crop_size=options['crop_size'],
+      stride=options['stride'],
+      class_names=names,
+    )
+    log.info('evaluating %d images with %s inference, TTA %s', len(self.mine), options['mode'], options['tta'])
+    metrics = evaluate_segmenter(
+      seg,
+      self.source,
+      num_classes=self.config.model.num_classes,
+      reduce_zero_label=self.info.reduce_zero_label,
+      tta=options['tta'],
+      class_names=names,
+      indices=self.mine,
+    )
+    areas = np.asarray(metrics.pop('areas'), np.int64)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      areas = np.asarray(multihost_utils.process_allgather(areas)).sum(0)
+      seconds = metrics['eval_seconds']
+      metrics = evaluate.metrics_from_areas(areas, names)
+      metrics.update(eval_seconds=seconds, eval_images=self.n)
+    return metrics

@@ -1,16 +1,7 @@
-"""Single-image and batch inference with the mmseg 0.27 test pipeline (SPEC §7).
-
-Pipeline per image (RGB ``uint8`` ``(H, W, 3)`` in, ``int32`` ``(H, W)`` labels out):
-
-1. keep-ratio resize to ``img_scale`` (OpenCV bilinear, mmcv's size rule);
-2. normalise with the ImageNet mean/std and pad right/bottom with zeros to a
-   multiple of ``size_divisor`` (normalisation runs on the device; the padded
-   pixels are forced to exactly 0 as mmseg pads after normalising);
-3. whole-image forward (logits at the padded size) or mmseg's slide inference;
-4. crop the logits to the resized size, resize them bilinearly to the original
-   size, softmax, argmax.  Multi-scale/flip test time augmentation (mmseg
-   ``aug_test`` with ``MultiScaleFlipAug``) averages the softmax maps of every
-   (ratio, flip) at the original size.
+"""Single-image and batch inference (`Segmenter`) with the mmseg 0.27 test
+pipeline of `testtime.py` (SPEC §7): RGB ``uint8`` ``(H, W, 3)`` in, ``int32``
+``(H, W)`` labels out; whole-image or slide inference, optional multi-scale/flip
+TTA (softmax maps of every view averaged at the original size).
 
 Compilation: the model forward is jitted per *bucket* (the padded input shape,
 batch size); the cheap post-processing (crop + resize + softmax/argmax) is a
@@ -29,131 +20,22 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
-import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
-import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgrseg_jax import errors
+from cgrseg_jax import testtime
 from cgrseg_jax.data import classes as class_lists
 from cgrseg_jax.data import datasets
-from cgrseg_jax.data import transforms as T
-
-DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-
-
-class InferenceError(errors.UserError, ValueError):
-  """Bad input to the segmenter; the message names the file or value."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TTA:
-  """Multi-scale / flip test-time augmentation (mmseg ``MultiScaleFlipAug``).
-
-  ``scales`` are ratios of ``img_scale``: ratio r resizes with the keep-ratio
-  scale ``(int(s0 * r), int(s1 * r))``.  ``flip`` adds a horizontally flipped
-  copy of every scale, whose output is flipped back before averaging.
-  """
-
-  scales: tuple[float, ...] = DEFAULT_TTA_SCALES
-  flip: bool = True
-
-  @classmethod
-  def parse(cls, tta) -> Optional['TTA']:
-    """None / a TTA / a mapping with 'scales' and 'flip' (as in the issue's API)."""
-    if tta is None or isinstance(tta, TTA):
-      return tta
-    if isinstance(tta, Mapping):
-      unknown = set(tta) - {'scales', 'flip'}
-      if unknown:
-        raise InferenceError(f'tta: unknown keys {sorted(unknown)}; expected scales, flip')
-      scales = tuple(float(s) for s in tta.get('scales', DEFAULT_TTA_SCALES))
-      if not scales or any(s <= 0 for s in scales):
-        raise InferenceError(f'tta.scales must be positive ratios, got {scales}')
-      return cls(scales, bool(tta.get('flip', False)))
-    raise InferenceError(f'tta must be None, a TTA or a dict(scales=..., flip=...), got {tta!r}')
-
-  def views(self) -> list[tuple[float, bool]]:
-    """(ratio, flip) pairs in mmseg's order (scale-major, unflipped first)."""
-    return [(r, f) for r in self.scales for f in ((False, True) if self.flip else (False,))]
-
-
-# ----------------------------------------------------------------- geometry
-
-
-def round_up(hw: Sequence[int], multiple: int) -> tuple[int, int]:
-  return tuple(int(-(-int(x) // multiple) * multiple) for x in hw)  # type: ignore[return-value]
-
-
-def scaled_img_scale(img_scale: Sequence[int], ratio: float) -> tuple[int, int]:
-  """mmseg ``MultiScaleFlipAug``: ``(int(s0 * r), int(s1 * r))``."""
-  return int(img_scale[0] * ratio), int(img_scale[1] * ratio)
-
-
-def slide_windows(hw: Sequence[int], crop: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
-  """mmseg 0.27 ``slide_inference`` windows (y1, y2, x1, x2) over an (H, W) image.
-
-  ``grids = max(H - crop + stride - 1, 0) // stride + 1`` per axis; the last
-  window is shifted back inside the image; an image smaller than the crop
-  gives a window of the image's size (no padding).
-  """
-  h, w = int(hw[0]), int(hw[1])
-  (ch, cw), (sh, sw) = crop, stride
-  if min(ch, cw, sh, sw) <= 0:
-    raise InferenceError(f'slide crop {tuple(crop)} and stride {tuple(stride)} must be positive')
-  rows = max(h - ch + sh - 1, 0) // sh + 1
-  cols = max(w - cw + sw - 1, 0) // sw + 1
-  out = []
-  for i in range(rows):
-    for j in range(cols):
-      y2, x2 = min(i * sh + ch, h), min(j * sw + cw, w)
-      out.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
-  return out
-
-
-# ------------------------------------------------------ device computations
+from cgrseg_jax.data.pipeline import normalize_image
+from cgrseg_jax.testtime import TTA, InferenceError
 
 
 def _normalise(images_u8, valid_hw):
   """RGB uint8 (B, H, W, 3) -> mmcv-normalised float32, padding exactly 0."""
-  x = images_u8.astype(jnp.float32)
-  mean = jnp.asarray(np.asarray(T.MEAN_RGB, np.float32))
-  stdinv = jnp.asarray((1.0 / np.asarray(T.STD_RGB, np.float64)).astype(np.float32))
-  x = (x - mean) * stdinv
-  h, w = x.shape[1], x.shape[2]
-  inside = (jnp.arange(h)[None, :, None] < valid_hw[:, 0, None, None]) & (
-    jnp.arange(w)[None, None, :] < valid_hw[:, 1, None, None]
-  )
-  return jnp.where(inside[..., None], x, 0.0)
-
-
-def _linear_taps(in_size, out_size, n_out: int, flip=None):
-  """PyTorch bilinear (align_corners=False) taps from a traced ``in_size`` to a
-  traced ``out_size``, at ``n_out`` static output positions (positions past
-  ``out_size`` are computed but unused).  With ``flip`` the output is mirrored
-  inside ``[0, out_size)``, which undoes a horizontal flip of the input."""
-  d = jnp.arange(n_out, dtype=jnp.int32)
-  if flip is not None:
-    d = jnp.where(flip, jnp.maximum(out_size - 1 - d, 0), d)
-  scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
-  src = jnp.maximum((d.astype(jnp.float32) + 0.5) * scale - 0.5, 0.0)
-  i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
-  i1 = jnp.minimum(i0 + 1, in_size - 1)
-  w1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
-  return i0, i1, 1.0 - w1, w1
-
-
-def _to_original(logits, valid_hw, orig_hw, canvas, flip):
-  """One image's logits (Hb, Wb, K): crop to ``valid_hw``, resize to ``orig_hw``
-  (placed at the top-left of a static ``canvas``), optionally mirrored."""
-  i0, i1, a0, a1 = _linear_taps(valid_hw[0], orig_hw[0], canvas[0])
-  rows = logits[i0] * a0[:, None, None] + logits[i1] * a1[:, None, None]
-  j0, j1, b0, b1 = _linear_taps(valid_hw[1], orig_hw[1], canvas[1], flip)
-  return rows[:, j0] * b0[None, :, None] + rows[:, j1] * b1[None, :, None]
+  return normalize_image(images_u8, valid_hw, bgr_to_rgb=False)
 
 
 # ---------------------------------------------------------------- segmenter
@@ -208,10 +90,14 @@ class Segmenter:
     canvas_multiple: int = 64,
     class_names: Optional[Sequence[str]] = None,
     palette: Optional[np.ndarray] = None,
+    num_classes: Optional[int] = None,
   ):
     self.model = model
     self.variables = jax.device_put(variables)
-    self.num_classes = int(model.decode_head.num_classes)
+    if num_classes is None:  # the class count of any model: its output channels
+      x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+      num_classes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), self.variables, x).shape[-1]
+    self.num_classes = int(num_classes)
     self.dataset = dataset
     known = datasets.DATASETS.get(dataset.lower())  # mmseg's keep-ratio test scale of the dataset
     self.img_scale = tuple(int(s) for s in (img_scale or (known.img_scale if known else (2048, 512))))
@@ -219,7 +105,7 @@ class Segmenter:
     self.bucket_multiple = int(bucket_multiple or size_divisor)
     if self.bucket_multiple % self.size_divisor:
       raise InferenceError(f'bucket_multiple={bucket_multiple} must be a multiple of size_divisor={size_divisor}')
-    self.buckets = sorted((tuple(int(v) for v in b) for b in (buckets or ())), key=lambda b: (b[0] * b[1], b))
+    self.buckets = tuple(tuple(int(v) for v in b) for b in (buckets or ()))
     if mode not in ('whole', 'slide'):
       raise InferenceError(f"mode must be 'whole' or 'slide', got {mode!r}")
     self.mode = mode
@@ -243,46 +129,30 @@ class Segmenter:
 
   @classmethod
   def from_checkpoint(
-    cls, path: str, variant: Optional[str] = None, dataset: str = 'ade20k', dtype=jnp.float32, **kwargs
+    cls,
+    path: str,
+    variant: Optional[str] = None,
+    dataset: str = 'ade20k',
+    dtype=jnp.float32,
+    model: Optional[str] = None,
+    **kwargs,
   ) -> 'Segmenter':
-    """From an upstream mmseg ``.pth``, a converted checkpoint directory
-    (``convert.save_variables``) or a training run (its workdir, its
-    ``checkpoints/`` dir or one step dir; the latest step is used).
+    """From any checkpoint `loader.load` reads (an upstream ``.pth``, a
+    converted directory, a training run or one of its step dirs).
 
-    The variant and class count are read off the weights' shapes; a given
-    ``variant`` must agree with them.
+    The model and class count are read off the weights; a given ``model``
+    (registered name) or ``variant`` must agree with them.
     """
-    from cgrseg_jax import convert
-    from cgrseg_jax.models import build_segmentor
+    from cgrseg_jax import loader
+    from cgrseg_jax.models import build_model
 
-    if not os.path.exists(path):
-      raise InferenceError(f'{path}: no such checkpoint file or directory')
-    if os.path.isfile(path):
-      try:
-        variables, report = convert.load_torch_checkpoint(path, variant=variant, return_report=True)
-      except convert.ConversionError as e:
-        raise InferenceError(str(e)) from None
-      found_variant, num_classes = report.variant, report.num_classes
-    elif os.path.exists(os.path.join(path, 'cgrseg.json')):
-      variables, meta = convert.load_variables(path)
-      found_variant, num_classes = meta['variant'], int(meta['num_classes'])
-    else:
-      from cgrseg_jax import checkpointing
-
-      try:
-        variables = checkpointing.load_orbax_variables(path)
-      except checkpointing.InitError as e:
-        raise InferenceError(
-          f'{path}: not a .pth file, a converted checkpoint (cgrseg.json) or a training checkpoint ({e})'
-        ) from None
-      state = convert.variables_to_state_dict(variables)
-      found_variant, num_classes = convert.detect_variant(state)
-    if variant is not None and variant != found_variant:
-      raise InferenceError(f'{path}: the weights are CGRSeg-{found_variant}, but variant={variant!r} was given')
-    variables = {
-      c: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), variables[c]) for c in ('params', 'batch_stats')
-    }
-    return cls(build_segmentor(found_variant, num_classes, dtype=dtype), variables, dataset=dataset, **kwargs)
+    try:
+      loaded = loader.load(path, model=model, variant=variant, kinds=('torch', 'converted', 'workdir', 'step'))
+    except loader.LoadError as e:
+      raise InferenceError(str(e)) from None
+    variables = jax.tree_util.tree_map(jnp.asarray, loaded.variables)
+    model = build_model(loaded.model, loaded.num_classes, dtype=dtype)
+    return cls(model, variables, dataset=dataset, num_classes=loaded.num_classes, **kwargs)
 
   def _default_names(self) -> tuple[str, ...]:
     try:
@@ -317,26 +187,18 @@ class Segmenter:
     one batch, logits summed into place and divided by the overlap count."""
     self.traces[('slide',) + image_u8.shape + (windows,)] += 1
     x = _normalise(image_u8, valid_hw)[0]
-    crops = jnp.stack([x[y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
-    logits = self.model.apply(variables, crops, train=False)
-    h, w = x.shape[:2]
-    total = jnp.zeros((h, w, logits.shape[-1]), jnp.float32)
-    count = np.zeros((h, w, 1), np.float32)  # static: depends on shapes only
-    for k, (y1, y2, x1, x2) in enumerate(windows):
-      total = total.at[y1:y2, x1:x2].add(logits[k])
-      count[y1:y2, x1:x2] += 1
-    return (total / count)[None]
+    return testtime.slide_logits(lambda c: self.model.apply(variables, c, train=False), x, windows)[None]
 
   def _labels_impl(self, logits, index, valid_hw, orig_hw, canvas):
     self.traces[('labels',) + logits.shape + canvas] += 1
     one = jax.lax.dynamic_index_in_dim(logits, index, keepdims=False)
     # softmax does not change the argmax, so single-view inference skips it.
-    return jnp.argmax(_to_original(one, valid_hw, orig_hw, canvas, None), axis=-1).astype(jnp.int32)
+    return jnp.argmax(testtime.crop_and_resize(one, valid_hw, orig_hw, canvas), axis=-1).astype(jnp.int32)
 
   def _accumulate_impl(self, acc, logits, index, valid_hw, orig_hw, flip, canvas):
     self.traces[('accumulate',) + logits.shape + canvas] += 1
     one = jax.lax.dynamic_index_in_dim(logits, index, keepdims=False)
-    return acc + jax.nn.softmax(_to_original(one, valid_hw, orig_hw, canvas, flip), axis=-1)
+    return acc + jax.nn.softmax(testtime.crop_and_resize(one, valid_hw, orig_hw, canvas, flip), axis=-1)
 
   def _argmax_impl(self, acc):
     self.traces[('argmax',) + acc.shape] += 1
@@ -346,21 +208,13 @@ class Segmenter:
 
   def bucket_for(self, pad_hw: Sequence[int]) -> tuple[int, int]:
     """The model input shape that serves an image of mmseg padded size ``pad_hw``."""
-    for b in self.buckets:
-      if b[0] >= pad_hw[0] and b[1] >= pad_hw[1]:
-        return b
-    return round_up(pad_hw, self.bucket_multiple)
+    return testtime.bucket_for(pad_hw, self.bucket_multiple, self.buckets)
 
   def _prepare(self, image: np.ndarray, scale: Sequence[int], flip: bool) -> _Prepared:
-    (h, w), _ = T.rescale_size(image.shape[:2], scale)
-    resized = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-    if flip:
-      resized = resized[:, ::-1]
-    pad_hw = round_up((h, w), self.size_divisor)
-    return _Prepared(np.ascontiguousarray(resized), (h, w), pad_hw)
+    return _Prepared(*testtime.prepare_view(image, scale, self.size_divisor, flip))
 
   def _canvas(self, orig_hw: Sequence[int]) -> tuple[int, int]:
-    return round_up(orig_hw, self.canvas_multiple)
+    return testtime.round_up(orig_hw, self.canvas_multiple)
 
   @staticmethod
   def _check_image(image, name: str) -> np.ndarray:
@@ -383,7 +237,7 @@ class Segmenter:
       for item_id, p in items:
         canvas = np.zeros((1, *shape_key, 3), np.uint8)
         canvas[0, : p.image.shape[0], : p.image.shape[1]] = p.image
-        windows = tuple(slide_windows(shape_key, self.crop_size, self.stride))
+        windows = tuple(testtime.slide_windows(shape_key, self.crop_size, self.stride))
         logits = self._slide(self.variables, canvas, np.asarray([p.valid_hw], np.int32), windows=windows)
         yield item_id, logits, 0, p
       return
@@ -423,7 +277,7 @@ class Segmenter:
     images = [self._check_image(im, f'image {i}') for i, im in enumerate(images)]
     if tta is None:
       return self._predict_views(images, [(self.img_scale, False)], mode, batch_size, average=False)
-    views = [(scaled_img_scale(self.img_scale, r), f) for r, f in tta.views()]
+    views = [(testtime.scaled_img_scale(self.img_scale, r), f) for r, f in tta.views()]
     return [self._predict_views([im], views, mode, batch_size, average=True)[0] for im in images]
 
   def _predict_views(self, images, views, mode: str, batch_size: int, average: bool) -> list[np.ndarray]:
@@ -477,6 +331,3 @@ class Segmenter:
       mode=self.mode,
       bucket_multiple=self.bucket_multiple,
     )
-
-  def describe(self) -> str:
-    return json.dumps(self.info())

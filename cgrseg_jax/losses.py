@@ -76,3 +76,7 @@ def ohem_cross_entropy(
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(kept, nll, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
+
+
+# config.loss (default: the model family's recipe) -> loss(logits at any stride, labels).
+LOSSES = {'cross_entropy': segmentation_loss}

@@ -12,7 +12,7 @@ parameter with `DefaultOptimizerConstructor(paramwise_cfg=dict(custom_keys=...))
 - the lr hook rescales every group from its *initial* lr each iteration
   (poly decay, then linear warmup over the first iterations).
 
-Names are the upstream state-dict keys (`convert.flax_path_to_torch_key`), so
+Names are the upstream state-dict keys (`models.registry.param_names`), so
 the same `custom_keys` dict as the upstream config gives the same groups.
 `optax.adamw` would scale the decay by the global lr only, hence the custom
 chain below: Adam moments, + wd_g * p per leaf, x per-leaf lr at step i.
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cgrseg_jax.convert import flax_path_to_torch_key
+from cgrseg_jax.models import registry
 
 # upstream local_configs/cgrseg/cgrseg-*_ade20k_160k.py
 UPSTREAM_CUSTOM_KEYS = {
@@ -36,13 +36,6 @@ UPSTREAM_CUSTOM_KEYS = {
   'norm': dict(decay_mult=0.0),
 }
 _ALLOWED_MULTS = ('lr_mult', 'decay_mult')
-
-
-def param_names(params: Any) -> Any:
-  """A pytree like `params` whose leaves are the upstream parameter names."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: flax_path_to_torch_key('params', tuple(k.key for k in path)), params
-  )
 
 
 def match_custom_key(name: str, custom_keys: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
@@ -57,9 +50,9 @@ def match_custom_key(name: str, custom_keys: Mapping[str, Mapping[str, float]]) 
   return 1.0, 1.0
 
 
-def multipliers(params: Any, custom_keys: Mapping[str, Mapping[str, float]]) -> tuple[Any, Any]:
-  """Two pytrees like `params`: lr multipliers and weight-decay multipliers."""
-  names = param_names(params)
+def multipliers(params: Any, custom_keys: Mapping[str, Mapping[str, float]], model: str) -> tuple[Any, Any]:
+  """Two pytrees like `params` of registered `model`: lr and weight-decay multipliers."""
+  names = registry.param_names(params, model)
   pairs = jax.tree_util.tree_map(lambda n: match_custom_key(n, custom_keys), names)
   is_pair = lambda x: isinstance(x, tuple)
   lr = jax.tree_util.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
@@ -124,6 +117,7 @@ def add_group_decay(weight_decay: float, decay_mults: Any) -> optax.GradientTran
 def build_optimizer(
   params: Any,
   *,
+  model: str,
   lr: float,
   weight_decay: float,
   total_steps: int,
@@ -137,7 +131,7 @@ def build_optimizer(
 ) -> optax.GradientTransformation:
   """The upstream optimizer for `params` (multipliers are static Python floats
   baked into the transformation, so they are not part of the optimizer state)."""
-  lr_mults, decay_mults = multipliers(params, custom_keys)
+  lr_mults, decay_mults = multipliers(params, custom_keys, model)
   factor = lambda i: poly_warmup_factor(i, total_steps, power, warmup_steps, warmup_ratio)
   chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   chain += [
@@ -149,11 +143,20 @@ def build_optimizer(
 
 
 def build_optimizer_from_config(params: Any, config) -> optax.GradientTransformation:
-  """`config.optimizer` + `config.schedule` + `config.total_steps` -> optimizer."""
+  """`config.optimizer` + `config.schedule` + `config.total_steps` -> the
+  optimizer named by `config.optimizer.name` (default: the model family's)."""
+  name = registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'config.optimizer.name={name!r}; expected one of {sorted(OPTIMIZERS)}')
+  return OPTIMIZERS[name](params, config)
+
+
+def _adamw_mmcv(params: Any, config) -> optax.GradientTransformation:
   o, s = config.optimizer, config.schedule
   custom_keys = {k: dict(v) for k, v in o.custom_keys.items()}
   return build_optimizer(
     params,
+    model=config.model.name,
     lr=o.lr,
     weight_decay=o.weight_decay,
     total_steps=config.total_steps,
@@ -165,6 +168,10 @@ def build_optimizer_from_config(params: Any, config) -> optax.GradientTransforma
     custom_keys=custom_keys,
     grad_clip=o.get('grad_clip', None),
   )
+
+
+# config.optimizer.name -> builder(params, config).
+OPTIMIZERS = {'adamw_mmcv': _adamw_mmcv}
 
 
 def learning_rate(config, step) -> float:

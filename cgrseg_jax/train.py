@@ -26,13 +26,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cgrseg_jax import batches, checkpointing, evaluate, evaluate_tta, losses, optim
+from cgrseg_jax import batches, checkpointing, evaluate, loader, losses, metric_writer, optim
 from cgrseg_jax.data import pipeline as dp
-from cgrseg_jax.models import build_segmentor
+from cgrseg_jax.models import registry
 
 log = logging.getLogger(__name__)
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -48,20 +46,10 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def build_model(config):
-  if config.precision not in DTYPES:
-    raise ValueError(f'config.precision={config.precision!r}; expected one of {sorted(DTYPES)}')
-  return build_segmentor(
-    config.model.variant,
-    config.model.num_classes,
-    dtype=DTYPES[config.precision],
-    drop_path_rate=config.model.get('drop_path_rate'),
-    depthwise=config.model.get('depthwise', 'auto'),
-  )
-
-
-def train_step(state: TrainState, batch, *, model, tx, dtype):
-  """One AdamW step on the global batch; returns (new state, scalar metrics)."""
+def train_step(state: TrainState, batch, *, model, tx, dtype, method: str = '__call__', loss=losses.segmentation_loss):
+  """One optimizer step on the global batch; returns (new state, scalar metrics).
+  `method` is the model family's loss logits (`ModelFamily.loss_method`),
+  `loss(logits, labels)` resizes them to the labels."""
   rng = jax.random.fold_in(state.rng, state.step)  # dropout / drop-path
   x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype)
 
@@ -70,11 +58,11 @@ def train_step(state: TrainState, batch, *, model, tx, dtype):
       {'params': params, 'batch_stats': state.batch_stats},
       x,
       train=True,
-      method='decode',
+      method=method,
       mutable=['batch_stats'],
       rngs={'dropout': rng},
     )
-    return losses.segmentation_loss(logits, batch['label']), updates['batch_stats']
+    return loss(logits, batch['label']), updates['batch_stats']
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -148,64 +136,17 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Writer:
-  """Scalars to TensorBoard (`<workdir>/tb`) and `<workdir>/metrics.jsonl`; process 0 only."""
-
-  def __init__(self, workdir: str):
-    self.active = jax.process_index() == 0
-    self.tb = None
-    if self.active:
-      try:
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      except ImportError:
-        log.warning('tensorboardX not installed: no TensorBoard event files (metrics.jsonl still written)')
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-
-  def write(self, step: int, record: dict, prefix: str):
-    if not self.active:
-      return
-    for k, v in record.items():
-      if self.tb is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
-        self.tb.add_scalar(f'{prefix}/{k}', v, step)
-    self.jsonl.write(json.dumps({'step': int(step), 'split': prefix, **record}) + '\n')
-    self.jsonl.flush()
-
-  def close(self):
-    if self.active:
-      self.jsonl.close()
-      if self.tb is not None:
-        self.tb.close()
-
-
 def _save_config(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
 
-def _run_eval(config, model, mesh, eval_data, variables, writer, step: int) -> dict:
-  class_names = eval_data.info.class_names or None
-  eval_step = _eval_step_cache(model, mesh, config.model.num_classes)
-  metrics = evaluate.evaluate(
-    eval_step, variables, eval_data, lambda b: dp.make_global_batch(b, mesh), config.model.num_classes, class_names
-  )
-  log.info(
-    'step %d validation (%d batches, %.1fs):\n%s',
-    step,
-    metrics['eval_batches'],
-    metrics['eval_seconds'],
-    evaluate.format_table(metrics),
-  )
+def _run_eval(evaluator, variables, writer, step: int) -> dict:
+  metrics = evaluator(variables)
+  evaluate.log_metrics(step, metrics)
   writer.write(step, metrics, 'val')
   return metrics
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_step_cache(model, mesh, num_classes):
-  normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype)
-  return evaluate.make_eval_step(model, mesh, num_classes, normalize)
 
 
 def train_and_evaluate(
@@ -232,10 +173,11 @@ def train_and_evaluate(
 
   # ---- data
   train_it = batches.train_iterator(config)
-  eval_data = batches.eval_data(config)
 
   # ---- model and optimizer
-  model = build_model(config)
+  model = registry.build_from_config(config)
+  family = registry.family_of(config.model.name)
+  evaluator = evaluate.make_evaluator(config, model, mesh)
   dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
   init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
   tx = optim.build_optimizer_from_config(init_vars['params'], config)
@@ -254,9 +196,14 @@ def train_and_evaluate(
   abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
 
   # ---- step
-  dtype = DTYPES[config.precision]
+  dtype = registry.DTYPES[config.precision]
+  loss_name = registry.recipe_value(config, 'loss', 'cross_entropy')
+  if loss_name not in losses.LOSSES:
+    raise ValueError(f'config.loss={loss_name!r}; expected one of {sorted(losses.LOSSES)}')
   step_fn = jax.jit(
-    functools.partial(train_step, model=model, tx=tx, dtype=dtype),
+    functools.partial(
+      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=losses.LOSSES[loss_name]
+    ),
     in_shardings=(repl, data_sharding),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
@@ -268,15 +215,15 @@ def train_and_evaluate(
   if latest is not None:
     log.info('resumed from %s/checkpoints/%d', workdir, latest)
   else:
-    host_vars = checkpointing.load_init_variables(
-      config.init, jax.device_get(init_vars), config.model.variant, config.model.num_classes
+    host_vars = loader.initial_variables(
+      config.init, jax.device_get(init_vars), config.model.name, config.model.num_classes
     )
     state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
   del init_vars
   start = int(jax.device_get(state.step))
 
   # ---- loop
-  writer = _Writer(workdir)
+  writer = metric_writer.MetricWriter(workdir)
   total = config.total_steps
   summary = {'status': 'done', 'val': None}
   bar = None
@@ -355,7 +302,7 @@ def train_and_evaluate(
           check(pending)  # never checkpoint a non-finite state
         val = None
         if eval_now:
-          val = _run_eval(config, model, mesh, eval_data, state.variables, writer, done)
+          val = _run_eval(evaluator, state.variables, writer, done)
           summary['val'] = val
           if bar is not None:
             bar.write(f'step {done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')
@@ -385,35 +332,3 @@ def train_and_evaluate(
   summary['step'] = int(jax.device_get(state.step))
   summary['state'] = state
   return summary
-
-
-def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """`--mode=eval`: evaluate `config.init` (a `.pth` or orbax checkpoint) or,
-  if it is 'scratch', the latest checkpoint in `<workdir>/checkpoints`."""
-  config = batches.with_dataset_defaults(config)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  repl = NamedSharding(mesh, P())
-  model = build_model(config)
-  fresh = jax.device_get(jax.jit(lambda k: model.init(k, jnp.zeros((1, 64, 64, 3))))(jax.random.PRNGKey(0)))
-  init = config.init
-  if init in ('', 'scratch'):
-    init = os.path.join(workdir, 'checkpoints')
-    if not os.path.isdir(init):
-      raise ValueError(f'--mode=eval needs --config.init=<.pth or orbax dir> or a checkpoint in {init}')
-  host_vars = checkpointing.load_init_variables(init, fresh, config.model.variant, config.model.num_classes)
-  writer = _Writer(workdir)
-  try:
-    if evaluate_tta.eval_options(config) is not None:  # TTA or slide: per-image test pipeline
-      metrics = evaluate_tta.evaluate_from_config(config, model, host_vars)
-      log.info(
-        'validation (%d images, %.1fs):\n%s',
-        metrics['eval_images'],
-        metrics['eval_seconds'],
-        evaluate.format_table(metrics),
-      )
-      writer.write(0, metrics, 'val')
-      return metrics
-    return _run_eval(config, model, mesh, batches.eval_data(config), _replicate(host_vars, repl), writer, 0)
-  finally:
-    writer.close()

@@ -6,5 +6,5 @@ from configs import default
 
 def get_config():
   c = default.get_config()
-  c.model.variant = 'b'
+  c.model.name = 'cgrseg_b'
   return c

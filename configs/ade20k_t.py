@@ -7,5 +7,5 @@ from configs import default
 
 def get_config():
   c = default.get_config()
-  c.model.variant = 't'
+  c.model.name = 'cgrseg_t'
   return c

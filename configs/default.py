@@ -75,22 +75,23 @@ def get_config(dataset: str = 'ade20k'):
 
   # ---- model
   c.model = ml_collections.ConfigDict()
-  c.model.variant = 't'  # t | b | l | tiny (tests)
+  c.model.name = 'cgrseg_t'  # a registered model: cgrseg_t | cgrseg_b | cgrseg_l | cgrseg_tiny (tests)
   # None: the dataset's class count, filled in when the run starts (custom data).
   c.model.num_classes = ml_collections.FieldReference(None if dataset == 'custom' else info.num_classes, field_type=int)
-  c.model.drop_path_rate = config_dict.placeholder(float)  # None: the variant's upstream rate
+  c.model.drop_path_rate = config_dict.placeholder(float)  # None: the model's upstream rate
   # Depthwise-conv implementation: 'auto' (shifted sums on CPU, XLA's grouped
   # convolution on GPU/TPU), 'shifts' or 'xla'; same numbers, different speed.
   c.model.depthwise = 'auto'
   c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
 
-  # ---- initialisation: 'scratch'; an EfficientFormerV2 ImageNet .pth (backbone
-  # only, e.g. eformer_s1_450.pth, as upstream); a CGRSeg mmseg .pth; or an
-  # orbax checkpoint directory (a step dir or a workdir's checkpoints/ dir).
+  # ---- initialisation: 'scratch', or anything cgrseg_jax/loader.py reads: an
+  # ImageNet backbone .pth (backbone only, e.g. eformer_s1_450.pth, as upstream),
+  # an upstream full-model .pth, a converted directory, a training workdir or a step dir.
   c.init = 'scratch'
 
   # ---- optimizer: mmcv AdamW + paramwise_cfg.custom_keys (SPEC §6)
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = config_dict.placeholder(str)  # None: the model family's (optim.OPTIMIZERS)
   c.optimizer.lr = 1.2e-4
   c.optimizer.betas = (0.9, 0.999)
   c.optimizer.eps = 1e-8
@@ -106,6 +107,8 @@ def get_config(dataset: str = 'ade20k'):
   )
   c.optimizer.grad_clip = config_dict.placeholder(float)  # upstream: none
 
+  c.loss = config_dict.placeholder(str)  # None: the model family's (losses.LOSSES)
+
   # ---- schedule: mmcv poly (power 1, min_lr 0) + linear warmup, per iteration
   c.schedule = ml_collections.ConfigDict()
   c.schedule.power = 1.0
@@ -119,9 +122,11 @@ def get_config(dataset: str = 'ade20k'):
   c.keep_checkpoints = 3  # the last N; the best by mIoU is kept too
   c.progress_bar = True
 
-  # ---- test-time options of --mode=eval (cgrseg_jax/evaluate_tta.py); the
-  # defaults (whole image, no TTA) use the bucketed evaluation of evaluate.py.
+  # ---- evaluation (training-time and --mode=eval): the evaluator plugin
+  # (evaluate.EVALUATORS): 'auto' = 'segmenter' (evaluate_tta.py) when TTA or
+  # slide is set below, else 'bucketed' (evaluate.py, whole image, no TTA).
   c.eval = ml_collections.ConfigDict()
+  c.eval.evaluator = 'auto'
   c.eval.mode = 'whole'  # or 'slide' (mmseg slide_inference)
   c.eval.crop_size = (512, 512)  # slide window
   c.eval.stride = (341, 341)  # slide step

@@ -22,7 +22,7 @@ def get_config():
   c.data.train_pipeline = transforms.default_train_pipeline(ratio_range=(0.75, 1.5))
   c.data.crop_size = (128, 128)
   c.data.workers = 0
-  c.model.variant = 't'
+  c.model.name = 'cgrseg_t'
   c.model.num_classes = 5
   c.batch_size = 8
   c.eval_batch_size = 10

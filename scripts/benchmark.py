@@ -14,7 +14,7 @@ Measured at the config's crop size (`--size` overrides), random weights:
   input, logits at the input size) in float32 and bfloat16; the training step
   (`cgrseg_jax.train.train_step`: forward, loss, backward, AdamW) at
   `--train-batch`; peak device memory where the backend reports it;
-* `--compare-torch`: the same for `tests/torch_reference.py` on the same
+* `--compare-torch`: the same for `cgrseg_jax/torch_reference/cgrseg.py` on the same
   inputs in the same run (eager; `--torch-compile` adds `torch.compile`),
   and the ratios JAX speed / PyTorch speed.
 
@@ -53,10 +53,6 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
-
 PAPER = {
   't': dict(gflops=4.0, params_m=9.4, img_per_s=138.4),
   'b': dict(gflops=7.6, params_m=18.1, img_per_s=98.4),
@@ -83,12 +79,9 @@ def measure(fn, warmup: int, reps: int) -> dict:
 
 
 def load_config(path: str):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f'{path}: no such config file')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from cgrseg_jax import config_files
+
+  return config_files.load(path)
 
 
 # ----------------------------------------------------------------- counting
@@ -143,7 +136,7 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
   import jax
   import jax.numpy as jnp
   from cgrseg_jax import optim, train
-  from cgrseg_jax.models import build_segmentor
+  from cgrseg_jax.models import build_segmentor, registry
 
   out: dict = {}
   model32 = build_segmentor(variant, num_classes)
@@ -186,7 +179,7 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
 
   if not args.skip_train:
     bs = args.train_batch
-    model = train.build_model(config)
+    model = registry.build_from_config(config)
     tx = optim.build_optimizer_from_config(variables['params'], config)
     # Copies: the step donates its state, the eval variables must survive it.
     own = jax.tree_util.tree_map(jnp.copy, variables)
@@ -197,7 +190,16 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       opt_state=tx.init(own['params']),
       rng=jax.random.PRNGKey(1),
     )
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, dtype=model.dtype), donate_argnums=(0,))
+    step = jax.jit(
+      functools.partial(
+        train.train_step,
+        model=model,
+        tx=tx,
+        dtype=model.dtype,
+        method=registry.family_of(config.model.name).loss_method,
+      ),
+      donate_argnums=(0,),
+    )
     batch = {
       'image': jnp.asarray(data['image'][:bs]),
       'label': jnp.asarray(data['label'][:bs]),
@@ -293,10 +295,7 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
 
 def torch_reference():
   """The PyTorch reference model module (`build_torch_segmentor`, `randomize_`)."""
-  tests = os.path.join(ROOT, 'tests')
-  if tests not in sys.path:
-    sys.path.insert(0, tests)
-  import torch_reference as ref
+  from cgrseg_jax.torch_reference import cgrseg as ref
 
   return ref
 
@@ -599,13 +598,16 @@ def spawn(side: str, argv: list[str], args, log) -> dict:
 
 
 def setup(args):
+  from cgrseg_jax.models import registry
+
   config = load_config(args.config)
   with config.unlocked():
-    if args.variant:
-      config.model.variant = args.variant
+    if args.variant:  # a registered model name or its short form (tiny)
+      config.model.name = registry.resolve(args.variant)
     if args.num_classes:
       config.model.num_classes = args.num_classes
-  variant, num_classes = config.model.variant, config.model.num_classes
+  name, num_classes = config.model.name, config.model.num_classes
+  variant = registry.family_of(name).variants[name]['variant']  # CGRSeg's builder and reference take the variant
   hw = tuple(int(v) for v in args.size.split(',')) if args.size else tuple(config.data.crop_size)
   return config, variant, num_classes, hw
 
@@ -627,7 +629,7 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/ade20k_t.py')
-  p.add_argument('--variant', default=None, help='override config.model.variant (t | b | l | tiny)')
+  p.add_argument('--variant', default=None, help='override config.model.name (cgrseg_tiny, or its short form tiny)')
   p.add_argument('--num-classes', type=int, default=None)
   p.add_argument('--size', default=None, help='H,W (default: config.data.crop_size)')
   p.add_argument('--batch-sizes', default='1,8,32')

@@ -1,4 +1,4 @@
-"""Export the CGRSeg eval forward: StableHLO via `jax.export`, optionally ONNX.
+"""Export the eval forward of a registered model: StableHLO via `jax.export`, optionally ONNX.
 
   python scripts/export.py --checkpoint=cgrseg_t.pth --output=export/cgrseg_t
   python scripts/export.py --checkpoint=runs/t --output=export/t --height=512 --width=683 --onnx
@@ -32,10 +32,6 @@ import sys
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 EXPORT_FILE = 'forward.jaxexport'
 ONNX_FILE = 'forward.onnx'
@@ -100,7 +96,7 @@ def check(directory: str, inputs: str | None, outputs: str | None) -> int:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--checkpoint', help='.pth, converted dir or training run/step dir')
+  p.add_argument('--checkpoint', help='.pth, converted dir, training workdir or step dir')
   p.add_argument('--output', help='directory to write')
   p.add_argument('--height', type=int, default=512)
   p.add_argument('--width', type=int, default=512)

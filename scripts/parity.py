@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
-"""Run a CGRSeg PyTorch checkpoint through the PyTorch reference and the Flax
-model side by side and print the error of every stage.
+"""Run an upstream PyTorch checkpoint of a registered model through the project's
+PyTorch reference (`ModelFamily.torch_reference`) and the Flax model side by
+side and print the error of every stage.
 
   python scripts/parity.py --checkpoint cgrseg_t.pth [--image photo.jpg] [--size 480,640]
 
 Without --image the input is random normal noise (already "normalised"); with an
 image it is resized to --size (default: short side 512 and both sides rounded to
 a multiple of 32), converted to RGB and normalised with the ImageNet mean/std.
-The PyTorch reference is tests/torch_reference.py (pure PyTorch, upstream key
-layout), so this needs `pip install torch==2.13.0`.
+The PyTorch references live in cgrseg_jax/torch_reference/ (pure PyTorch,
+upstream key layout), so this needs the `torch` extra (`pip install -e .[torch]`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, 'tests')]
 
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
@@ -71,8 +70,9 @@ def errors(name, ours, ref):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--checkpoint', required=True, help='upstream mmseg CGRSeg .pth')
-  ap.add_argument('--variant', default=None, help='t, b or l (default: read from the checkpoint)')
+  ap.add_argument('--checkpoint', required=True, help='upstream .pth of a registered model (mmseg layout)')
+  ap.add_argument('--model', default=None, help='registered model name (default: read from the checkpoint)')
+  ap.add_argument('--variant', default=None, help='short form of --model (t for cgrseg_t)')
   ap.add_argument('--num-classes', type=int, default=None)
   ap.add_argument('--image', default=None, help='an image file (default: random input)')
   ap.add_argument('--size', type=parse_size, default=None, help='input H,W, multiples of 32')
@@ -83,30 +83,42 @@ def main(argv=None):
   import jax
   import torch
 
-  from cgrseg_jax import convert, models
-  import torch_reference
+  from cgrseg_jax import convert, loader
+  from cgrseg_jax.models import build_model, family_of
 
-  variables, report = convert.load_torch_checkpoint(args.checkpoint, args.variant, args.num_classes, return_report=True)
-  print(f'{args.checkpoint}: CGRSeg-{report.variant.upper()}, {report.num_classes} classes; {report.summary()}')
-  model = models.build_segmentor(report.variant, report.num_classes)
-  ref_model = torch_reference.build_torch_segmentor(report.variant, report.num_classes)
-  torch_reference.load_upstream_checkpoint(ref_model, args.checkpoint)
+  loaded = loader.load(
+    args.checkpoint, model=args.model, variant=args.variant, num_classes=args.num_classes, kinds=('torch',)
+  )
+  print(f'{loaded.describe()}; {loaded.report.summary()}')
+  family = family_of(loaded.model)
+  if family.torch_reference is None:
+    print(f'error: model family {family.name!r} declares no PyTorch reference', file=sys.stderr)
+    return 2
+  model = build_model(loaded.model, loaded.num_classes)
+  variables = loaded.variables
+  ref_model = family.torch_reference(loaded.model, loaded.num_classes)
+  ref_model.load_state_dict({k: torch.as_tensor(v) for k, v in convert.read_torch_file(args.checkpoint).items()})
   ref_model.eval()
 
   x = load_input(args)
   xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  with torch.no_grad():
-    ref_feats = [f.numpy().transpose(0, 2, 3, 1) for f in ref_model.extract_features(xt)]
-    ref_head = ref_model.decode(xt).numpy().transpose(0, 2, 3, 1)
-    ref_logits = ref_model(xt).numpy().transpose(0, 2, 3, 1)
-
+  nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)
   apply = jax.jit(model.apply, static_argnames=('train', 'method'))
-  feats = apply(variables, x, train=False, method='extract_features')
-  head = apply(variables, x, train=False, method='decode')
+  rows = []
+  # Intermediate outputs the two models share by method name, then the logits.
+  if hasattr(ref_model, 'extract_features') and hasattr(model, 'extract_features'):
+    with torch.no_grad():
+      ref_feats = [nhwc(f) for f in ref_model.extract_features(xt)]
+    feats = apply(variables, x, train=False, method='extract_features')
+    rows += [errors(f'backbone stage {i + 1}', f, r) for i, (f, r) in enumerate(zip(feats, ref_feats))]
+  if family.loss_method != '__call__' and hasattr(ref_model, family.loss_method):
+    with torch.no_grad():
+      ref_head = nhwc(getattr(ref_model, family.loss_method)(xt))
+    head = apply(variables, x, train=False, method=family.loss_method)
+    rows.append(errors(f'{family.loss_method} (stride {family.loss_stride})', head, ref_head))
+  with torch.no_grad():
+    ref_logits = nhwc(ref_model(xt))
   logits = np.asarray(apply(variables, x, train=False))
-
-  rows = [errors(f'backbone stage {i + 1} (stride {4 * 2**i})', f, r) for i, (f, r) in enumerate(zip(feats, ref_feats))]
-  rows.append(errors('head logits (stride 8)', head, ref_head))
   rows.append(errors('logits (input size)', logits, ref_logits))
   agree = float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1)))
   print(f'input {x.shape[1]}x{x.shape[2]}')
@@ -122,7 +134,7 @@ def main(argv=None):
       json.dump(
         dict(
           checkpoint=args.checkpoint,
-          variant=report.variant,
+          model=loaded.model,
           input=list(x.shape[1:3]),
           stages=rows,
           argmax_agreement=agree,

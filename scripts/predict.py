@@ -1,4 +1,4 @@
-"""Segment images with a CGRSeg checkpoint and write colour / overlay / label PNGs.
+"""Segment images with a checkpoint of any registered model and write colour / overlay / label PNGs.
 
   python scripts/predict.py --checkpoint=cgrseg_t.pth --output=out photos/ 'more/*.jpg' one.png
   python scripts/predict.py --checkpoint=runs/t --output=out --tta-scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip imgs/
@@ -29,9 +29,6 @@ import time
 import cv2
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -129,10 +126,11 @@ def _pair(text: str, name: str) -> tuple[int, int]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('inputs', nargs='+', help='image files, folders or glob patterns')
-  p.add_argument('--checkpoint', required=True, help='.pth, converted dir or training run/step dir')
+  p.add_argument('--checkpoint', required=True, help='.pth, converted dir, training workdir or step dir')
   p.add_argument('--output', required=True, help='folder for the PNGs (created)')
   p.add_argument('--dataset', default='ade20k', help='class names, palette and default test scale')
-  p.add_argument('--variant', default=None, help='t | b | l | tiny; checked against the weights')
+  p.add_argument('--model', default=None, help='registered model name (e.g. cgrseg_t); checked against the weights')
+  p.add_argument('--variant', default=None, help='short form of --model (t for cgrseg_t)')
   p.add_argument(
     '--img-scale',
     type=lambda s: _pair(s, '--img-scale'),
@@ -169,6 +167,7 @@ def main(argv=None) -> int:
     seg_kwargs['img_scale'] = args.img_scale
   seg = Segmenter.from_checkpoint(
     args.checkpoint,
+    model=args.model,
     variant=args.variant,
     dataset=args.dataset,
     dtype=jnp.bfloat16 if args.bf16 else jnp.float32,

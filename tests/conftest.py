@@ -1,15 +1,12 @@
-"""Shared pytest setup: tests import helper modules (e.g. ``torch_reference``)
-directly from this directory, without a ``tests/__init__.py``."""
+"""Shared pytest setup. Helper modules of this directory (``train_config``,
+``flax_torch``, ...) and ``configs`` are importable through pytest's
+``pythonpath`` setting (pyproject.toml)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-if str(TESTS_DIR) not in sys.path:
-  sys.path.insert(0, str(TESTS_DIR))
-
 REPO_ROOT = TESTS_DIR.parent
 SHARED_DIR = REPO_ROOT.parent / 'shared'
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from cgrseg_jax import convert
+from cgrseg_jax.models import family_of
 
 
 def nhwc(t: torch.Tensor) -> np.ndarray:
@@ -18,11 +19,13 @@ def nchw(x) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
 
 
-def variables_from_torch(torch_module: torch.nn.Module, flax_module, *inputs, **kwargs) -> dict:
-  """Flax variables for `flax_module` holding the weights of `torch_module`,
-  mapped through the project's converter (strict: every key must be used)."""
+def variables_from_torch(torch_module: torch.nn.Module, flax_module, *inputs, model='cgrseg_t', **kwargs) -> dict:
+  """Flax variables for `flax_module` (a part of registered `model`) holding the
+  weights of `torch_module`, mapped through the project's converter with the
+  family's key layout (strict: every key must be used)."""
   template = jax.eval_shape(lambda: flax_module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
-  variables, _ = convert.fill_from_state_dict(torch_module.state_dict(), template, strict=True)
+  layout = family_of(model).key_layout
+  variables, _ = convert.fill_from_state_dict(torch_module.state_dict(), template, layout, strict=True)
   return jax.tree_util.tree_map(jnp.asarray, variables)
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'benchmark.py')

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax import convert
-from cgrseg_jax.models import VARIANTS, build_segmentor
+from cgrseg_jax.models import VARIANTS, build_segmentor, family_of
 from flax_torch import assert_close, nchw, nhwc
 
 # Learnable parameters of the upstream code with 150 classes (SPEC §1).
@@ -16,7 +16,7 @@ UPSTREAM_PARAMS = {'t': 9_364_647, 'b': 19_114_871, 'l': 35_677_703}
 
 
 def _num_params(variant, num_classes=150):
-  shapes = convert.variable_shapes(variant, num_classes)
+  shapes = family_of('cgrseg_t').variable_shapes(f'cgrseg_{variant}', num_classes)
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes['params']))
 
 
@@ -78,8 +78,8 @@ def test_train_forward_matches_reference(variant, hw):
   logits, updates = apply(variables, x)
   assert_close(logits, want, rtol=1e-4)
   after, _ = convert.state_dict_to_variables(torch_mod.state_dict(), variant, 19)
-  flat_ours = convert._flatten(updates)
-  flat_ref = convert._flatten(after)
+  flat_ours = convert.flatten(updates)
+  flat_ref = convert.flatten(after)
   assert flat_ours.keys() == {k for k in flat_ref if k[0] == 'batch_stats'}
   for k, v in flat_ours.items():
     np.testing.assert_allclose(v, flat_ref[k], rtol=1e-4, atol=1e-5, err_msg=str(k))
@@ -122,8 +122,8 @@ def test_jit_eval_and_grad_compile_once(variant):
   leaves = jax.tree_util.tree_leaves(g)
   assert all(np.all(np.isfinite(l)) for l in leaves)
   # every parameter takes part in the loss (attention biases included)
-  flat = convert._flatten({'params': g})
-  zero = [convert.flax_path_to_torch_key(c, p) for (c, p), v in flat.items() if not np.any(np.asarray(v))]
+  flat = convert.flatten({'params': g})
+  zero = [family_of('cgrseg_t').key_layout.torch_key(c, p) for (c, p), v in flat.items() if not np.any(np.asarray(v))]
   assert zero == [], zero
 
 

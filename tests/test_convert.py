@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
-from cgrseg_jax import convert
-from cgrseg_jax.models import build_segmentor
+from cgrseg_jax.torch_reference import cgrseg as ref
+from cgrseg_jax import convert, loader
+from cgrseg_jax.models import build_segmentor, family_of
+
+CGRSEG = family_of('cgrseg_t')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_variables(variant, num_classes, seed=0):
   """Flax variables with every leaf random (BN statistics too)."""
-  shapes = convert.variable_shapes(variant, num_classes)
+  shapes = CGRSEG.variable_shapes(f'cgrseg_{variant}', num_classes)
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_unflatten(
@@ -31,13 +33,13 @@ def _torch_state(variant='tiny', num_classes=11, seed=0):
 @pytest.mark.parametrize('variant', ['tiny', 't'])
 def test_flax_torch_flax_round_trip_is_bit_exact(variant):
   variables = _random_variables(variant, 13)
-  state = convert.variables_to_state_dict(variables)
+  state = convert.variables_to_state_dict(variables, f'cgrseg_{variant}')
   # The exported layout is exactly the upstream one: the reference loads it strictly.
   torch_mod = ref.build_torch_segmentor(variant, 13)
   torch_mod.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
   back, report = convert.state_dict_to_variables(torch_mod.state_dict())
-  assert (report.variant, report.num_classes) == (variant, 13)
-  flat, flat_back = convert._flatten(variables), convert._flatten(back)
+  assert (report.model, report.variant, report.num_classes) == (f'cgrseg_{variant}', variant, 13)
+  flat, flat_back = convert.flatten(variables), convert.flatten(back)
   assert flat.keys() == flat_back.keys()
   for k in flat:
     assert np.array_equal(np.asarray(flat[k]), np.asarray(flat_back[k])), k
@@ -57,7 +59,7 @@ def test_fixture_round_trip(shared_dir):
     for k in state
     if k.endswith(('num_batches_tracked', 'attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg'))
   }
-  exported = convert.variables_to_state_dict(variables)
+  exported = convert.variables_to_state_dict(variables, 'cgrseg_t')
   assert exported.keys() == state.keys()
   for k, v in state.items():
     if not k.endswith('num_batches_tracked') and not k.endswith('.attention_biases'):
@@ -77,9 +79,9 @@ def test_file_and_orbax_round_trip(tmp_path):
   for k, v in state.items():
     if not k.endswith(('num_batches_tracked', '.attention_biases')):
       assert torch.equal(out['state_dict'][k], v), k
-  variables, meta = convert.load_variables(str(tmp_path / 'orbax'))
-  assert meta['variant'] == 'tiny' and meta['num_classes'] == 11
-  logits = build_segmentor('tiny', 11).apply(variables, np.zeros((1, 64, 64, 3), np.float32))
+  loaded = loader.load(str(tmp_path / 'orbax'))
+  assert (loaded.kind, loaded.model, loaded.num_classes) == ('converted', 'cgrseg_tiny', 11)
+  logits = build_segmentor('tiny', 11).apply(loaded.variables, np.zeros((1, 64, 64, 3), np.float32))
   assert logits.shape == (1, 64, 64, 11)
 
 
@@ -109,16 +111,18 @@ def test_wrong_shape_names_key_and_shapes():
 def test_wrong_variant_and_classes_are_named(tmp_path):
   path = tmp_path / 'tiny.pth'
   torch.save({'state_dict': _torch_state()}, path)
-  with pytest.raises(convert.ConversionError, match=r"tiny\.pth: checkpoint is CGRSeg-TINY .* variant 't'"):
+  with pytest.raises(loader.LoadError, match=r"tiny\.pth: checkpoint is cgrseg_tiny .* variant 't'"):
     convert.load_torch_checkpoint(str(path), variant='t')
-  with pytest.raises(convert.ConversionError, match='11 classes .* num_classes=150'):
+  with pytest.raises(loader.LoadError, match=r"tiny\.pth: checkpoint is cgrseg_tiny .* model 'cgrseg_b'"):
+    convert.load_torch_checkpoint(str(path), model='cgrseg_b')
+  with pytest.raises(loader.LoadError, match='11 classes.*num_classes=150'):
     convert.load_torch_checkpoint(str(path), num_classes=150)
 
 
 def test_unreadable_file_is_named(tmp_path):
   path = tmp_path / 'garbage.pth'
   path.write_bytes(b'not a checkpoint')
-  with pytest.raises(convert.ConversionError, match='garbage.pth'):
+  with pytest.raises(loader.LoadError, match='garbage.pth'):
     convert.load_torch_checkpoint(str(path))
 
 
@@ -139,7 +143,9 @@ def test_imagenet_backbone_checkpoint(tmp_path):
   )
   path = tmp_path / 'eformer_s1_450.pth'
   torch.save({'model': state}, path)
-  variables, report = convert.load_backbone_checkpoint(str(path), return_report=True)
+  loaded = loader.load(str(path))
+  assert (loaded.kind, loaded.model) == ('backbone', 'cgrseg_t')
+  variables, report = {c: t['backbone'] for c, t in loaded.variables.items()}, loaded.report
   assert {k for k, why in report.skipped.items() if why == 'ImageNet classifier'} == {
     'norm.weight',
     'norm.bias',
@@ -158,10 +164,15 @@ def test_imagenet_backbone_checkpoint(tmp_path):
     variables['batch_stats']['patch_embed']['1']['var'], state['patch_embed.1.running_var'].numpy()
   )
   # the result slots into a full segmentor
-  full = convert.variable_shapes('t', 150)
+  full = CGRSEG.variable_shapes('cgrseg_t', 150)
   assert jax.tree_util.tree_structure(full['params']['backbone']) == jax.tree_util.tree_structure(variables['params'])
-  with pytest.raises(convert.ConversionError, match='EfficientFormerV2-S1, expected S2'):
-    convert.load_backbone_checkpoint(str(path), backbone='s2')
+  with pytest.raises(loader.LoadError, match="backbone for cgrseg_t, but model='cgrseg_b'"):
+    loader.load(str(path), model='cgrseg_b')
+  # scripts/convert_checkpoint.py --backbone with a short variant name (was passed through as a backbone size)
+  import convert_checkpoint_cli as cli
+
+  assert cli.main(['--backbone', str(path), '--variant', 't']) == 0
+  assert cli.main(['--backbone', str(path), '--variant', 'b']) == 2
 
 
 def test_torch_key_mapping_examples():
@@ -179,4 +190,4 @@ def test_torch_key_mapping_examples():
     ('params', ('backbone', 'network_6', '0', 'layer_scale_2')): 'backbone.network.6.0.layer_scale_2',
   }
   for (collection, path), key in cases.items():
-    assert convert.flax_path_to_torch_key(collection, path) == key
+    assert CGRSEG.key_layout.torch_key(collection, path) == key

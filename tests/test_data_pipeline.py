@@ -165,7 +165,7 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
     mngr.save(
       3,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave({'step': np.array(3, np.int32)}), data=dp.iterator_save_args(it)
+        state=ocp.args.StandardSave({'step': np.array(3, np.int32)}), data=grain.checkpoint.CheckpointSave(it)
       ),
     )
     mngr.wait_until_finished()
@@ -174,7 +174,7 @@ def test_iterator_state_round_trips_through_orbax(tmp_path):
     restored = mngr.restore(
       3,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({'step': np.array(0, np.int32)}), data=dp.iterator_restore_args(fresh)
+        state=ocp.args.StandardRestore({'step': np.array(0, np.int32)}), data=grain.checkpoint.CheckpointRestore(fresh)
       ),
     )
   assert int(restored['state']['step']) == 3

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax.models import dpg_head
 from flax_torch import assert_close, nchw, nhwc, variables_from_torch
 

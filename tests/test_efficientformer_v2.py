@@ -1,4 +1,4 @@
-"""EfficientFormerV2 pieces against the PyTorch reference (tests/torch_reference.py)."""
+"""EfficientFormerV2 pieces against the PyTorch reference (cgrseg_jax/torch_reference/cgrseg.py)."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax.models import efficientformer_v2 as ef
 from flax_torch import assert_close, compare_module, nchw, nhwc, variables_from_torch
 

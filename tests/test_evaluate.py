@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgrseg_jax import evaluate
+from cgrseg_jax import evaluate, testtime
 
 
 def numpy_reference(preds, labels, k, ignore=255):
@@ -36,7 +36,7 @@ def test_metric_matches_confusion_matrix():
     preds.append(pred)
     labels.append(label)
   areas = sum(
-    np.asarray(evaluate.area_counts(jnp.asarray(p), jnp.asarray(l), k), np.int64) for p, l in zip(preds, labels)
+    np.asarray(testtime.area_counts(jnp.asarray(p), jnp.asarray(l), k), np.int64) for p, l in zip(preds, labels)
   )
   got = evaluate.metrics_from_areas(areas, [f'c{i}' for i in range(k)])
   ref = numpy_reference(preds, labels, k)
@@ -59,7 +59,7 @@ def test_crop_and_resize_matches_torch(valid, orig):
   rng = np.random.default_rng(1)
   padded = rng.normal(size=(64, 64, 5)).astype(np.float32)
   out_shape = (96, 128)
-  got = jax.jit(evaluate.crop_and_resize, static_argnums=3)(
+  got = jax.jit(testtime.crop_and_resize, static_argnums=3)(
     jnp.asarray(padded), jnp.asarray(valid, jnp.int32), jnp.asarray(orig, jnp.int32), out_shape
   )
   t = torch.from_numpy(padded.transpose(2, 0, 1)[None, :, : valid[0], : valid[1]].copy())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax import convert
 from cgrseg_jax.models import build_segmentor
 

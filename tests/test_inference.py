@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torch_reference as ref
-from cgrseg_jax import convert
-from cgrseg_jax.inference import InferenceError, Segmenter, slide_windows
+from cgrseg_jax.torch_reference import cgrseg as ref
+from cgrseg_jax import convert, loader
+from cgrseg_jax.inference import InferenceError, Segmenter
+from cgrseg_jax.testtime import slide_windows
 
 K = 19
 SCALE = (192, 96)  # small stand-in for (2048, 512): images stay tiny
@@ -248,7 +249,7 @@ def test_extra_bucket_padding_merges_shapes(segmenter, torch_model):
 
 def test_from_checkpoint_formats(checkpoint, segmenter, tmp_path):
   variables, report = convert.load_torch_checkpoint(checkpoint, return_report=True)
-  convert.save_variables(str(tmp_path / 'converted'), variables, report.variant, report.num_classes)
+  loader.save_converted(str(tmp_path / 'converted'), variables, report.model, report.num_classes)
   seg = Segmenter.from_checkpoint(str(tmp_path / 'converted'), img_scale=SCALE)
   assert seg.num_classes == K and seg.class_names[0] == 'class_0'  # ADE names do not fit 19 classes
   jax.tree_util.tree_map(np.testing.assert_array_equal, seg.variables, segmenter.variables)

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from cgrseg_jax import convert, losses, optim
-from cgrseg_jax.models import build_segmentor
+from cgrseg_jax.models import build_segmentor, family_of, registry
+
+LAYOUT = family_of('cgrseg_t').key_layout
 
 torch = pytest.importorskip('torch')
 import torch.nn.functional as F  # noqa: E402
 
-from torch_reference import build_torch_segmentor, randomize_  # noqa: E402
+from cgrseg_jax.torch_reference.cgrseg import build_torch_segmentor, randomize_
 
 CUSTOM_KEYS = {'absolute_pos_embed': {'decay_mult': 0.0}, 'head': {'lr_mult': 10.0}, 'norm': {'decay_mult': 0.0}}
 
@@ -49,9 +51,9 @@ def test_multipliers_every_parameter_of_cgrseg_t():
     g['name']: (g.get('lr', base_lr), g.get('weight_decay', base_wd))
     for g in mmcv_param_groups(torch_model, base_lr, base_wd, CUSTOM_KEYS)
   }
-  params = convert.variable_shapes('t', 150)['params']
-  names = jax.tree_util.tree_leaves(optim.param_names(params))
-  lr, wd = optim.multipliers(params, CUSTOM_KEYS)
+  params = family_of('cgrseg_t').variable_shapes('cgrseg_t', 150)['params']
+  names = jax.tree_util.tree_leaves(registry.param_names(params, 'cgrseg_t'))
+  lr, wd = optim.multipliers(params, CUSTOM_KEYS, 'cgrseg_t')
   got = dict(zip(names, zip(jax.tree_util.tree_leaves(lr), jax.tree_util.tree_leaves(wd))))
   assert set(got) == set(expected), sorted(set(got) ^ set(expected))[:10]
   for name in expected:
@@ -121,6 +123,7 @@ def test_one_step_parity_with_torch_adamw():
   model = model.clone(decode_head=model.decode_head.clone(dropout_ratio=0.0))
   tx = optim.build_optimizer(
     variables['params'],
+    model='cgrseg_tiny',
     lr=lr,
     weight_decay=wd,
     total_steps=total,
@@ -156,10 +159,10 @@ def test_one_step_parity_with_torch_adamw():
   def compare(jax_tree, ref, collection, what, skip=()):
     n = 0
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(jax_tree)[0]:
-      key = convert.flax_path_to_torch_key(collection, tuple(k.key for k in keypath))
+      key = LAYOUT.torch_key(collection, tuple(k.key for k in keypath))
       if key in skip:
         continue
-      got = convert._to_torch(np.asarray(leaf), key)
+      got = convert.to_torch(np.asarray(leaf), key, LAYOUT)
       want = ref[key]
       scale = float(np.abs(want).max()) or 1.0
       np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * scale, err_msg=f'{what} {key}')
@@ -168,7 +171,7 @@ def test_one_step_parity_with_torch_adamw():
 
   assert compare(grads, t_grads, 'params', 'grad', skip=null) == len(t_grads) - len(null)
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    key = convert.flax_path_to_torch_key('params', tuple(k.key for k in keypath))
+    key = LAYOUT.torch_key('params', tuple(k.key for k in keypath))
     if key in null:
       assert float(np.abs(leaf).max()) < 1e-6 * g_scale, key
   # Parameters after the step: relative error of each tensor (norm-wise). At the
@@ -178,10 +181,10 @@ def test_one_step_parity_with_torch_adamw():
   # to move by no more than Adam's step bound, the rest to 1e-4.
   lr0 = lr * mmcv_lr(1.0, 0, total, warmup, ratio)
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    key = convert.flax_path_to_torch_key('params', tuple(k.key for k in keypath))
+    key = LAYOUT.torch_key('params', tuple(k.key for k in keypath))
     if key in null:
       continue
-    got, want = convert._to_torch(np.asarray(leaf), key), t_after[key]
+    got, want = convert.to_torch(np.asarray(leaf), key, LAYOUT), t_after[key]
     g = t_grads[key]
     undetermined = np.abs(g) < 1e-4 * np.abs(g).max()
     diff = np.where(undetermined, 0.0, got - want)
@@ -195,10 +198,10 @@ def test_one_step_parity_with_torch_adamw():
   # ill-conditioned update; compare the elements with |g| >= 1e-2 max|g|.
   n = 0
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    key = convert.flax_path_to_torch_key('params', tuple(k.key for k in keypath))
+    key = LAYOUT.torch_key('params', tuple(k.key for k in keypath))
     if key in null:
       continue
-    got = convert._to_torch(np.asarray(leaf), key)
+    got = convert.to_torch(np.asarray(leaf), key, LAYOUT)
     want = t_after[key] - state[key].numpy()
     g = np.abs(t_grads[key])
     ok = g >= 1e-2 * g.max()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as ref
+from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax.data import classes as class_lists
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'predict.py')

@@ -1,4 +1,4 @@
-"""Checks of the pure-PyTorch CGRSeg reference (tests/torch_reference.py)
+"""Checks of the pure-PyTorch CGRSeg reference (cgrseg_jax/torch_reference/cgrseg.py)
 against the upstream-built fixture and the upstream parameter counts."""
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from torch_reference import (  # noqa: E402  (conftest puts tests/ on sys.path)
+from cgrseg_jax.torch_reference.cgrseg import (
   VARIANTS,
   build_torch_segmentor,
   count_learnable_params,

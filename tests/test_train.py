@@ -83,7 +83,7 @@ def test_ade20k_layout_end_to_end(tmp_path):
   work = tmp_path / 'work'
   flags = [
     f'--config.data.root={root}',
-    '--config.model.variant=tiny',
+    '--config.model.name=cgrseg_tiny',
     '--config.batch_size=2',
     '--config.total_steps=2',
     '--config.data.crop_size=(64,64)',

@@ -1,16 +1,11 @@
 """A CPU-test-sized training config (tiny model, 64x64 crops); not a test file."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import synthetic_t  # noqa: E402
+from configs import synthetic_t
 
 
 def tiny_config(**overrides):
   c = synthetic_t.get_config()
-  c.model.variant = 'tiny'
+  c.model.name = 'cgrseg_tiny'
   c.data.synthetic.image_size = (64, 80)
   c.data.synthetic.num_train = 64
   c.data.synthetic.num_val = 8

@@ -13,8 +13,6 @@ import os
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax  # noqa: E402
 
 if len(sys.argv) > 4:
@@ -25,7 +23,8 @@ if len(sys.argv) > 4:
 
 import numpy as np  # noqa: E402
 
-from cgrseg_jax import convert, train  # noqa: E402
+from cgrseg_jax import train  # noqa: E402
+from cgrseg_jax.models import registry  # noqa: E402
 from train_config import tiny_config  # noqa: E402
 
 
@@ -42,10 +41,8 @@ def main():
 
   result = train.train_and_evaluate(config, workdir, on_step=on_step)
   params = jax.device_get(result['state'].params)
-  flat = {
-    convert.flax_path_to_torch_key('params', tuple(k.key for k in kp)): np.asarray(v)
-    for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]
-  }
+  names = jax.tree_util.tree_leaves(registry.param_names(params, config.model.name))
+  flat = {n: np.asarray(v) for n, v in zip(names, jax.tree_util.tree_leaves(params))}
   val = result['val'] or {}
   flat['__val__'] = np.array(json.dumps({k: val[k] for k in ('mIoU', 'mAcc', 'aAcc') if k in val}))
   flat['__status__'] = np.array(f'{result["status"]}:{result["step"]}')

@@ -6,8 +6,6 @@ pipeline.py for the API the training code uses."""
 from .datasets import DATASETS, DatasetInfo, Layout, register
 from .pipeline import (
   EvalData,
-  iterator_restore_args,
-  iterator_save_args,
   make_eval_dataset,
   make_global_batch,
   make_train_dataset,
@@ -23,8 +21,6 @@ __all__ = [
   'DatasetInfo',
   'EvalData',
   'Layout',
-  'iterator_restore_args',
-  'iterator_save_args',
   'make_eval_dataset',
   'make_global_batch',
   'make_source',

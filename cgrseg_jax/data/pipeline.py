@@ -17,12 +17,8 @@ What the training code calls::
     ev = dp.make_eval_dataset("ade20k", root=..., batch_size=1)
     for local in ev: ...              # every val sample once over processes
 
-    # checkpoint the iterator next to the model state (orbax):
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=dp.iterator_save_args(train_it)))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=..., data=dp.iterator_restore_args(train_it)))
+    # the iterator is checkpointed next to the model state with
+    # grain.checkpoint.CheckpointSave / CheckpointRestore (checkpointing.py)
 
 Train batches (process-local): ``image`` uint8 ``(B, H, W, 3)`` **BGR**
 (as decoded and augmented, mmseg order), ``label`` uint8 ``(B, H, W)``
@@ -69,6 +65,8 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cgrseg_jax import testtime
 
 from . import sources as sources_lib
 from . import transforms as T
@@ -272,10 +270,6 @@ def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
 # ------------------------------------------------------------------- eval
 
 
-def _round_up(hw: Sequence[int], m: int) -> tuple[int, int]:
-  return T.size_to_multiple(hw, m)
-
-
 def plan_buckets(
   orig_sizes: Sequence[tuple[int, int]],
   img_scale: Sequence[int],
@@ -287,16 +281,12 @@ def plan_buckets(
 
   The image bucket contains the mmseg padded size (resized, rounded up to
   ``size_divisor``); the label bucket contains the original size. Both are
-  rounded to the same multiple, doubled from ``size_divisor`` until at most
-  ``max_buckets`` distinct pairs remain.
+  rounded to the same multiple (``testtime.plan_multiple``).
   """
   resized = [T.rescale_size(hw, img_scale)[0] for hw in orig_sizes]
-  step = size_divisor
-  while True:
-    keys = [(_round_up(r, step), _round_up(o, step)) for r, o in zip(resized, orig_sizes)]
-    if max_buckets is None or len(set(keys)) <= max_buckets:
-      return keys
-    step *= 2
+  pairs = list(zip(resized, orig_sizes))
+  step = testtime.plan_multiple(pairs, size_divisor, max_buckets)
+  return [(testtime.bucket_for(r, step), testtime.bucket_for(o, step)) for r, o in pairs]
 
 
 def _source_size(source, index: int) -> tuple[int, int]:
@@ -327,7 +317,7 @@ class _LoadEvalBatch(grain.transforms.Map):
       label = rec['label']
       if self.reduce_zero_label:
         label = T.reduce_zero_label(label)
-      el = T.resize_keep_ratio({'image': rec['image']}, self.img_scale, resize_label=False)
+      el = {'image': testtime.resize(rec['image'], self.img_scale)}
       h, w = el['image'].shape[:2]
       oh, ow = label.shape
       if h > img_bucket[0] or w > img_bucket[1] or oh > lbl_bucket[0] or ow > lbl_bucket[1]:
@@ -491,27 +481,6 @@ def normalize_image(
   return x.astype(dtype)
 
 
-# ----------------------------------------------------------- checkpoints
-
-
-def iterator_save_args(iterator: grain.DatasetIterator):
-  """orbax args that save the grain iterator state (one JSON file per
-  process) inside a ``ocp.args.Composite`` next to the model state."""
-  return grain.checkpoint.CheckpointSave(iterator)
-
-
-def iterator_restore_args(iterator: grain.DatasetIterator):
-  """orbax args that restore the state into ``iterator`` (a fresh iterator
-  of the same pipeline) in place."""
-  return grain.checkpoint.CheckpointRestore(iterator)
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, process_count: int | None = None) -> int:
-  """Train steps that cover one epoch (each process drops the same tail)."""
-  n_proc = jax.process_count() if process_count is None else process_count
-  return (num_samples // n_proc) // batch_size if batch_size > 0 else 0
-
-
 __all__ = [
   'CheckedSource',
   'EvalData',
@@ -520,8 +489,5 @@ __all__ = [
   'make_eval_dataset',
   'make_global_batch',
   'normalize_image',
-  'iterator_save_args',
-  'iterator_restore_args',
   'plan_buckets',
-  'steps_per_epoch',
 ]

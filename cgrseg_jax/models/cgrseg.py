@@ -3,13 +3,14 @@ reconstruction head, NHWC. `VARIANTS` is the one table of model sizes."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cgrseg_jax.models import efficientformer_v2, layers, resize
+from cgrseg_jax.models import efficientformer_v2, layers, registry, resize
 from cgrseg_jax.models.dpg_head import DPGHead, spatial_gather
 from cgrseg_jax.models.layers import ConvBN, conv, dropout2d, hard_sigmoid
 from cgrseg_jax.models.rcm import RCM
@@ -165,3 +166,102 @@ def build_segmentor(
     depthwise=depthwise,
   )
   return CGRSegModel(backbone, head, dtype=dtype)
+
+
+# --------------------------------------------------------------- the family
+# What the rest of the package knows about CGRSeg (models/registry.py).
+
+
+def _torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  backbone = efficientformer_v2.torch_shape(key, flax_shape)
+  if backbone is not None:
+    return backbone
+  if re.search(r'channel_mul_conv\.1\.(weight|bias)$', key):  # LayerNorm([C, 1, 1]) in the DPG head
+    return tuple(flax_shape) + (1, 1)
+  return registry.default_torch_shape(key, flax_shape)
+
+
+KEY_LAYOUT = registry.KeyLayout(
+  list_modules=efficientformer_v2.LIST_MODULES + ('transformer_blocks', 'SIM', 'meta', 'conv'),
+  torch_shape=_torch_shape,
+  skip_suffixes=efficientformer_v2.BUFFER_SUFFIXES,
+  check_buffer=efficientformer_v2.check_buffer,
+  extra_buffers=efficientformer_v2.extra_buffers,
+)
+
+
+def _backbone_state(state):
+  if any(k.startswith('backbone.') for k in state):
+    return {k[len('backbone.') :]: v for k, v in state.items() if k.startswith('backbone.')}
+  return dict(state)
+
+
+def detect(state) -> tuple[str, int]:
+  """(model name, num_classes) of an mmseg CGRSeg state dict, read off its shapes."""
+  from cgrseg_jax.errors import ConversionError
+
+  needed = ('decode_head.conv_seg.weight', 'decode_head.meta.0.token_mixer.excite.0.weight')
+  missing = [k for k in needed if k not in state]
+  if missing:
+    raise ConversionError(f'not a CGRSeg checkpoint: key {missing[0]!r} is missing')
+  backbone = efficientformer_v2.detect_size(_backbone_state(state))
+  num_classes, channels = state['decode_head.conv_seg.weight'].shape[:2]
+  band = state['decode_head.meta.0.token_mixer.excite.0.weight'].shape[-1]
+  repeat = len({k.split('.')[3] for k in state if k.startswith('decode_head.trans.transformer_blocks.')})
+  found = dict(backbone=backbone, channels=channels, next_repeat=repeat, band_kernel=band)
+  for name, cfg in VARIANTS.items():
+    if all(cfg[k] == v for k, v in found.items()):
+      return f'cgrseg_{name}', int(num_classes)
+  raise ConversionError(f'checkpoint matches no CGRSeg variant: found {found}; known variants {VARIANTS}')
+
+
+def detect_backbone(state) -> list[str]:
+  """Model names whose backbone an EfficientFormerV2 ImageNet state dict fits."""
+  size = efficientformer_v2.detect_size(_backbone_state(state))
+  return [f'cgrseg_{v}' for v, cfg in VARIANTS.items() if cfg['backbone'] == size]
+
+
+def load_backbone(state, template):
+  """Fill the `backbone` part of `template` from an ImageNet checkpoint
+  (upstream `init_cfg=Pretrained`: non-strict, classifier skipped,
+  `attention_biases_seg` absent there and started at zero)."""
+  from cgrseg_jax import convert
+
+  part = {c: {'backbone': t['backbone']} for c, t in template.items()}
+  return convert.fill_from_state_dict(
+    _backbone_state(state),
+    part,
+    KEY_LAYOUT,
+    strict=False,
+    prefix='backbone.',
+    zero_if_missing=('attention_biases_seg',),
+    skip_unused=lambda k: 'ImageNet classifier' if efficientformer_v2.IMAGENET_HEAD_RE.match(k) else None,
+  )
+
+
+def _torch_reference(name: str, num_classes: int):
+  from cgrseg_jax.torch_reference import cgrseg as reference
+
+  return reference.build_torch_segmentor(FAMILY.variants[name]['variant'], num_classes)
+
+
+def _build(num_classes: int, dtype=jnp.float32, **kwargs) -> CGRSegModel:
+  return build_segmentor(num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+FAMILY = registry.register(
+  registry.ModelFamily(
+    name='cgrseg',
+    variants={f'cgrseg_{v}': {'variant': v} for v in VARIANTS},
+    build=_build,
+    key_layout=KEY_LAYOUT,
+    detect=detect,
+    loss_method='decode',  # the head's logits at stride 8; the loss resizes them
+    loss_stride=8,
+    detect_backbone=detect_backbone,
+    load_backbone=load_backbone,
+    recipe={},  # configs/default.py is the CGRSeg recipe
+    torch_reference=_torch_reference,
+    build_options=('drop_path_rate', 'depthwise'),
+  )
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -401,3 +402,72 @@ def build_backbone(
     dtype=dtype,
     depthwise=depthwise,
   )
+
+
+# ----------------------------------------------------------- PyTorch key layout
+# The upstream module's state dict next to ours (used by the CGRSeg family's
+# KeyLayout in cgrseg.py and by ImageNet-backbone loading).
+
+LIST_MODULES = ('network',)
+# Buffers with no Flax variable: BN counters, the offset index tables (checked,
+# recomputed here) and the unused ImageNet-size bias tables.
+BUFFER_SUFFIXES = ('num_batches_tracked', 'attention_biases', 'attention_bias_idxs', 'attention_bias_idxs_seg')
+# Keys of an ImageNet checkpoint that belong to its classifier.
+IMAGENET_HEAD_RE = re.compile(r'^(norm|head|dist_head)\.')
+
+
+def torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+  """PyTorch keeps layer scales as (C, 1, 1); None where nothing differs."""
+  if re.search(r'layer_scale_\d$', key):
+    return tuple(flax_shape) + (1, 1)
+  return None
+
+
+def check_buffer(key: str, table: np.ndarray):
+  """An `attention_bias_idxs_seg` table must be the one this model computes."""
+  from cgrseg_jax.errors import ConversionError
+
+  if not key.endswith('attention_bias_idxs_seg'):
+    return
+  n_query, n_key = table.shape
+  resolution = math.isqrt(n_key)
+  ours, _ = attention_bias_index(resolution, downsample=n_query != n_key)
+  if ours.shape != table.shape or not np.array_equal(ours, table):
+    raise ConversionError(
+      f'{key}: attention bias index table {table.shape} differs from the one this model '
+      f'computes for resolution {resolution}'
+    )
+
+
+def extra_buffers(key: str, collection: str, path: tuple[str, ...], leaf) -> dict:
+  """Buffers the upstream attention keeps next to `attention_biases_seg`."""
+  del collection
+  if path[-1] != 'attention_biases_seg':
+    return {}
+  base = key[: -len('attention_biases_seg')]
+  heads, n_offsets = leaf.shape
+  downsample = '.attn.' in key
+  table, _ = attention_bias_index(math.isqrt(n_offsets), downsample)
+  # ImageNet-size leftovers kept by the upstream module (7x7 queries, 7x7 or 14x14 keys).
+  n_key = 196 if downsample else 49
+  return {
+    base + 'attention_biases': np.zeros((heads, n_key), np.float32),
+    base + 'attention_bias_idxs': np.ones((49, n_key), np.int64),
+    base + 'attention_bias_idxs_seg': table.astype(np.int64),
+  }
+
+
+def detect_size(state) -> str:
+  """EfficientFormerV2 size ('s0', 's1', 's2', 'l') of a backbone state dict (no prefix)."""
+  from cgrseg_jax.errors import ConversionError
+
+  depths = tuple(len({k.split('.')[2] for k in state if k.startswith(f'network.{2 * i}.')}) for i in range(4))
+  key = 'network.{}.0.mlp.fc2.weight'
+  missing = [key.format(2 * i) for i in range(4) if key.format(2 * i) not in state]
+  if missing:
+    raise ConversionError(f'not an EfficientFormerV2 state dict: key {missing[0]!r} is missing')
+  widths = tuple(int(state[key.format(2 * i)].shape[0]) for i in range(4))
+  for name, cfg in BACKBONES.items():
+    if tuple(cfg['widths']) == widths and tuple(cfg['depths']) == depths:
+      return name
+  raise ConversionError(f'unknown EfficientFormerV2 size: widths {widths}, depths {depths}')

@@ -1,4 +1,4 @@
-"""Independent pure-PyTorch reference of the CGRSeg segmentor (test-only).
+"""Independent pure-PyTorch reference of the CGRSeg segmentor (the `torch` extra).
 
 This module re-implements, with plain ``torch`` only (no timm / mmcv / mmseg /
 torchvision), the network that the upstream CGRSeg code builds through

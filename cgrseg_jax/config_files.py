@@ -1,0 +1,37 @@
+"""Load a config file (`configs/<name>.py`, whose `get_config()` builds an
+`ml_collections.ConfigDict`) by path, as `main.py --config=...` does.
+
+Config files import their siblings as a package (`from configs import default`),
+so the file's directory is registered as that package first; nothing is added
+to the module search path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+from cgrseg_jax import errors
+
+
+def load(path: str):
+  """`get_config()` of the config file at `path`."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f'{path}: no such config file')
+  directory = os.path.dirname(path)
+  package = os.path.basename(directory)
+  if package not in sys.modules and os.path.exists(os.path.join(directory, '__init__.py')):
+    spec = importlib.util.spec_from_file_location(
+      package, os.path.join(directory, '__init__.py'), submodule_search_locations=[directory]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'{package}.{stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,245 @@
+"""Model families behind one small interface.
+
+A family module declares, next to its model, one `ModelFamily` (its variants,
+how to build them, which logits the loss reads, its PyTorch key layout, how to
+recognise its checkpoints, recipe defaults) and calls `register(family)`. The
+rest of the package (training, conversion, loading, inference, scripts) only
+talks to families through this module, so a new family (or a test's toy
+family) needs no change elsewhere.
+
+  model = build_model('cgrseg_t', num_classes=150, dtype=jnp.bfloat16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cgrseg_jax import errors
+
+# Flax leaf name -> PyTorch leaf name, the same for every family (Flax's nn.Conv,
+# nn.BatchNorm, nn.LayerNorm against torch's Conv2d, BatchNorm2d, LayerNorm).
+FLAX_LEAF_NAMES = {
+  ('params', 'kernel'): 'weight',
+  ('params', 'scale'): 'weight',
+  ('batch_stats', 'mean'): 'running_mean',
+  ('batch_stats', 'var'): 'running_var',
+}
+
+
+def default_torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """4-D conv kernels are OIHW in PyTorch (HWIO in Flax); the rest keep their shape."""
+  del key
+  if len(flax_shape) == 4:
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  return tuple(flax_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+  """How a Flax variable path maps to a PyTorch state-dict key, and back.
+
+  A module named `<list>_<i>` with `<list>` in `list_modules` is element i of
+  a PyTorch ModuleList/Sequential; leaves are renamed by `leaf_names`; a
+  PyTorch shape is `torch_shape(key, flax_shape)` (a 4-D array is always a conv
+  kernel, transposed HWIO <-> OIHW; other shape changes are reshapes).
+  """
+
+  list_modules: tuple[str, ...] = ()
+  leaf_names: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=lambda: dict(FLAX_LEAF_NAMES))
+  torch_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = default_torch_shape
+  # Checkpoint keys with no Flax variable (buffers), skipped on load. BN's
+  # num_batches_tracked is added on export by the converter for every family.
+  skip_suffixes: tuple[str, ...] = ('num_batches_tracked',)
+  # check_buffer(key, array): raise ConversionError if a skipped buffer
+  # disagrees with what the model computes (e.g. index tables).
+  check_buffer: Optional[Callable[[str, Any], None]] = None
+  # extra_buffers(key, collection, path, leaf) -> {key: array}: buffers the
+  # upstream module keeps next to this variable, written on export.
+  extra_buffers: Optional[Callable[[str, str, tuple[str, ...], Any], Mapping[str, Any]]] = None
+
+  def torch_key(self, collection: str, path: tuple[str, ...]) -> str:
+    """('params', ('backbone', 'network_0', '0', 'mlp', 'fc1', 'kernel')) -> 'backbone.network.0.0.mlp.fc1.weight'."""
+    parts = []
+    for p in path[:-1]:
+      m = self._list_re.match(p)
+      parts.extend([m.group(1), m.group(2)] if m else [p])
+    parts.append(self.leaf_names.get((collection, path[-1]), path[-1]))
+    return '.'.join(parts)
+
+  @functools.cached_property
+  def _list_re(self):
+    return re.compile(r'^(%s)_(\d+)$' % '|'.join(map(re.escape, self.list_modules))) if self.list_modules else _NEVER
+
+
+_NEVER = re.compile(r'(?!)')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+  """What the package needs to know about one family of segmentation models."""
+
+  # Family name, e.g. 'cgrseg'; also the default prefix of its model names.
+  name: str
+  # Registered model name -> keyword arguments of `build` (e.g. 'cgrseg_t' -> {'variant': 't'}).
+  variants: Mapping[str, Mapping[str, Any]]
+  # build(num_classes=..., dtype=..., **variant_kwargs, **overrides) -> flax Module whose
+  # `__call__(x, train)` gives logits (N, H, W, K) at the input size.
+  build: Callable[..., nn.Module]
+  # PyTorch state-dict layout the converter walks.
+  key_layout: KeyLayout
+  # detect(state_dict) -> (model name, num_classes); raises ConversionError naming
+  # the key/shape that does not fit when the state dict is not of this family.
+  detect: Callable[[Mapping[str, Any]], tuple[str, int]]
+  # Method whose logits the training loss uses, and their stride w.r.t. the input
+  # (the labels are compared at full size; the loss resizes the logits).
+  loss_method: str = '__call__'
+  loss_stride: int = 1
+  # ImageNet-backbone loading: detect_backbone(state) -> model names the backbone
+  # fits (raises ConversionError if it is not one), load_backbone(state,
+  # template) -> (variables, LoadReport) filling the template's backbone part.
+  detect_backbone: Optional[Callable[[Mapping[str, Any]], list[str]]] = None
+  load_backbone: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[dict, Any]]] = None
+  # Training recipe defaults where they differ from configs/default.py, as
+  # config overrides, e.g. {'optimizer.custom_keys': {...}, 'loss': 'ce'}.
+  recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # torch_reference(name, num_classes) -> the project's own PyTorch model with the
+  # upstream key layout (cgrseg_jax/torch_reference/, `torch` extra), for parity
+  # checks; methods it shares by name with the Flax model are compared.
+  torch_reference: Optional[Callable[[str, int], Any]] = None
+  # config.model fields passed to `build` when set (e.g. drop_path_rate, depthwise).
+  build_options: tuple[str, ...] = ()
+  # Input size the variable shapes are traced at (any size the model accepts).
+  template_hw: tuple[int, int] = (64, 64)
+
+  def variable_shapes(self, name: str, num_classes: int) -> dict:
+    """Shapes/dtypes of a model's variables, computing nothing (cached: tracing a
+    large model takes seconds and every load needs its template)."""
+    if name not in self.variants:
+      raise errors.ConfigError(f'model {name!r} is not of family {self.name!r} ({sorted(self.variants)})')
+    return _variable_shapes(self.name, name, int(num_classes))
+
+
+@functools.lru_cache(maxsize=32)
+def _variable_shapes(family: str, name: str, num_classes: int) -> dict:
+  model = build_model(name, num_classes)
+  x = jnp.zeros((1, *_FAMILIES[family].template_hw, 3), jnp.float32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+_MODELS: dict[str, ModelFamily] = {}
+
+
+def register(family: ModelFamily, replace: bool = False) -> ModelFamily:
+  """Make `family`'s model names available to `build_model` and the loaders."""
+  if not replace:
+    taken = [n for n in family.variants if n in _MODELS and _MODELS[n].name != family.name]
+    if family.name in _FAMILIES or taken:
+      raise ValueError(f'model family {family.name!r} or model names {taken} are already registered')
+  old = _FAMILIES.pop(family.name, None)
+  if old is not None:
+    for n in old.variants:
+      _MODELS.pop(n, None)
+  _variable_shapes.cache_clear()
+  _FAMILIES[family.name] = family
+  for n in family.variants:
+    _MODELS[n] = family
+  return family
+
+
+def unregister(name: str):
+  """Remove a family (tests that register a toy family clean up with this)."""
+  _variable_shapes.cache_clear()
+  family = _FAMILIES.pop(name)
+  for n in family.variants:
+    _MODELS.pop(n, None)
+
+
+def families() -> list[ModelFamily]:
+  _load_builtin()
+  return list(_FAMILIES.values())
+
+
+def model_names() -> list[str]:
+  _load_builtin()
+  return sorted(_MODELS)
+
+
+def family_of(name: str) -> ModelFamily:
+  """The family of a registered model name."""
+  _load_builtin()
+  if name not in _MODELS:
+    raise errors.ConfigError(f'unknown model {name!r}; registered models: {", ".join(sorted(_MODELS))}')
+  return _MODELS[name]
+
+
+def resolve(name_or_variant: str) -> str:
+  """A registered model name from itself or from its short form within one
+  family ('t' -> 'cgrseg_t'); ambiguous or unknown short forms are errors."""
+  _load_builtin()
+  if name_or_variant in _MODELS:
+    return name_or_variant
+  matches = [n for n, f in _MODELS.items() if n == f'{f.name}_{name_or_variant}']
+  if len(matches) != 1:
+    raise errors.ConfigError(
+      f'model {name_or_variant!r}: {"ambiguous, one of " + str(matches) if matches else "unknown"}; '
+      f'registered models: {", ".join(sorted(_MODELS))}'
+    )
+  return matches[0]
+
+
+def build_model(name: str, num_classes: int, *, dtype=jnp.float32, **overrides) -> nn.Module:
+  """The model `name` (e.g. 'cgrseg_t') with `num_classes` outputs; `overrides`
+  go to the family's build function (e.g. drop_path_rate=0.1)."""
+  family = family_of(name)
+  return family.build(num_classes=num_classes, dtype=dtype, **{**family.variants[name], **overrides})
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def build_from_config(config) -> nn.Module:
+  """The model `config.model` names (`name`, `num_classes`, optional
+  `drop_path_rate`), computing in `config.precision`."""
+  if config.precision not in DTYPES:
+    raise errors.ConfigError(f'config.precision={config.precision!r}; expected one of {sorted(DTYPES)}')
+  overrides = {}
+  for key in family_of(config.model.name).build_options:
+    if config.model.get(key) is not None:
+      overrides[key] = config.model[key]
+  return build_model(config.model.name, config.model.num_classes, dtype=DTYPES[config.precision], **overrides)
+
+
+def param_names(params: Any, name: str) -> Any:
+  """A pytree like `params` whose leaves are the upstream (PyTorch) parameter
+  names of model `name`, the names optimizer rules such as mmcv's
+  `custom_keys` match against."""
+  layout = family_of(name).key_layout
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: layout.torch_key('params', tuple(k.key for k in path)), params
+  )
+
+
+def recipe_value(config, field: str, default: Any) -> Any:
+  """A recipe piece (e.g. 'optimizer', 'loss'): the config's choice if set,
+  else the model family's default, else `default`."""
+  section = config
+  *parents, leaf = field.split('.')
+  for p in parents:
+    section = section.get(p) if section is not None else None
+  value = section.get(leaf) if section is not None else None
+  if value is not None:
+    return value
+  return family_of(config.model.name).recipe.get(field, default)
+
+
+def _load_builtin():
+  # The package's own families register on import of their modules.
+  from cgrseg_jax.models import cgrseg  # noqa: F401
