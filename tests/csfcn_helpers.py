@@ -1,11 +1,12 @@
 """Shared helpers for the CSFCN component tests: Flax variables from a PyTorch
-submodule through the CSFCN conversion table, and the parity metric."""
+submodule through the CSFCN key layout, and the parity metric."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
+from cgrseg_jax import convert
 from cgrseg_jax.models import csfcn
 from flax_torch import nchw, nhwc
 
@@ -19,7 +20,7 @@ def rel(a, b) -> float:
 
 def variables_for(torch_mod, flax_mod, *inputs, **kwargs):
   template = jax.eval_shape(lambda: flax_mod.init(jax.random.PRNGKey(0), *inputs, **kwargs))
-  variables, _ = csfcn.fill(torch_mod.state_dict(), template, strict=True)
+  variables, _ = convert.fill_from_state_dict(torch_mod.state_dict(), template, csfcn.KEY_LAYOUT)
   return jax.tree_util.tree_map(jnp.asarray, variables)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cgrseg_jax import errors
+from cgrseg_jax import convert, errors
 from cgrseg_jax.models import csfcn
 from cgrseg_jax.torch_reference import csfcn as ref
 from flax_torch import nchw, nhwc
@@ -24,7 +24,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize('name,k', sorted(UPSTREAM_PARAMS))
 def test_parameter_count_equals_upstream(name, k):
-  shapes = csfcn.variable_shapes(name, k)['params']
+  shapes = csfcn.FAMILY.variable_shapes(name, k)['params']
   assert sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes)) == UPSTREAM_PARAMS[name, k]
   assert ref.count_learnable_params(ref.build_torch_csfcn(name, k)) == UPSTREAM_PARAMS[name, k]
   n_keys = len(ref.build_torch_csfcn(name, k).state_dict())
@@ -50,8 +50,8 @@ def test_torch_reference_reproduces_fixture(fixture):
 
 def test_flax_parity_on_fixture(fixture):
   state, data = fixture
-  variables, report = csfcn.state_dict_to_variables(state, 'csfcn', 19)
-  assert len(report['used']) == 157 and len(report['skipped']) == 29  # num_batches_tracked
+  variables, report = convert.state_dict_to_variables(state, model='csfcn', num_classes=19)
+  assert len(report.used) == 157 and len(report.skipped) == 29  # num_batches_tracked
   model = csfcn.build('csfcn', 19)
   stages = jax.jit(lambda v, x: model.apply(v, x, method='stages'))(variables, data['x'].transpose(0, 2, 3, 1))
   errs = {k: _rel(np.asarray(stages[k]).transpose(0, 3, 1, 2), data[k]) for k in STAGES}
@@ -70,7 +70,7 @@ def _pair(name, k, seed, calib_hw=(64, 96)):
   torch_mod = ref.build_torch_csfcn(name, k)
   x = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 3, *calib_hw)).astype(np.float32))
   ref.randomize_(torch_mod, seed=seed, calibrate=x).eval()
-  variables, _ = csfcn.state_dict_to_variables(torch_mod.state_dict(), name, k)
+  variables, _ = convert.state_dict_to_variables(torch_mod.state_dict(), model=name, num_classes=k)
   return torch_mod, jax.tree_util.tree_map(jnp.asarray, variables)
 
 
@@ -118,7 +118,7 @@ def test_train_forward_updates_running_stats_as_torch(name):
     want = nhwc(torch_mod(nchw(x)))
   out, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
   assert _rel(out, want) <= 1e-4
-  after = csfcn.variables_to_state_dict({'params': variables['params'], **updates})
+  after = convert.variables_to_state_dict({'params': variables['params'], **updates}, name)
   torch_state = torch_mod.state_dict()
   n = 0
   for key, value in after.items():
@@ -186,7 +186,7 @@ def test_fixture_error_is_float32_rounding(fixture):
   m64.double().eval()
   with torch.no_grad():
     truth = m64.forward_stages(torch.from_numpy(data['x']).double())
-  variables, _ = csfcn.state_dict_to_variables(state)
+  variables, _ = convert.state_dict_to_variables(state)
   model = csfcn.build('csfcn', 19)
   ours = jax.jit(lambda v, x: model.apply(v, x, method='stages'))(variables, data['x'].transpose(0, 2, 3, 1))
   for key in STAGES:

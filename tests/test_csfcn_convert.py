@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cgrseg_jax import errors
+from cgrseg_jax import convert, errors
 from cgrseg_jax.models import csfcn
 from cgrseg_jax.torch_reference import csfcn as ref
 
@@ -18,7 +18,7 @@ def torch_state(request):
 
 
 def test_keys_map_mechanically():
-  f = csfcn.flax_path_to_torch_key
+  f = csfcn.KEY_LAYOUT.torch_key
   assert f('params', ('resnet', 'conv1_0', 'kernel')) == 'resnet.conv1.0.weight'
   assert f('batch_stats', ('resnet', 'conv1_4', 'var')) == 'resnet.conv1.4.running_var'
   assert f('params', ('resnet', 'layer1_0', 'downsample', '1', 'scale')) == 'resnet.layer1.0.downsample.1.weight'
@@ -31,9 +31,9 @@ def test_keys_map_mechanically():
 
 def test_state_dict_round_trip_is_bit_exact(torch_state):
   name, k, state = torch_state
-  variables, report = csfcn.state_dict_to_variables(state)
-  assert (report['name'], report['num_classes']) == (name, k)
-  back = csfcn.variables_to_state_dict(variables)
+  variables, report = convert.state_dict_to_variables(state)
+  assert (report.model, report.num_classes) == (name, k)
+  back = convert.variables_to_state_dict(variables, name)
   assert set(back) == set(state)
   for key, value in state.items():
     if key.endswith('num_batches_tracked'):
@@ -42,7 +42,7 @@ def test_state_dict_round_trip_is_bit_exact(torch_state):
     assert back[key].shape == tuple(value.shape), key
     np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
   # and the other way: variables -> state dict -> variables
-  again, _ = csfcn.state_dict_to_variables(back)
+  again, _ = convert.state_dict_to_variables(back)
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, variables)
   # the exported dict loads strictly into the reference
   model = ref.build_torch_csfcn(name, k)
@@ -51,9 +51,9 @@ def test_state_dict_round_trip_is_bit_exact(torch_state):
 
 def test_conv1d_and_conv_layouts(torch_state):
   _, _, state = torch_state
-  variables, _ = csfcn.state_dict_to_variables(state)
+  variables, _ = convert.state_dict_to_variables(state)
   w = state['cfc.value_conv.weight'].numpy()  # (O, I, 1)
-  np.testing.assert_array_equal(variables['params']['cfc']['value_conv']['kernel'], w[:, :, 0].T)
+  np.testing.assert_array_equal(variables['params']['cfc']['value_conv']['kernel'], w[:, :, 0])  # (O, I): a reshape
   c = state['resnet.conv1.0.weight'].numpy()  # OIHW
   np.testing.assert_array_equal(variables['params']['resnet']['conv1_0']['kernel'], c.transpose(2, 3, 1, 0))
 
@@ -62,10 +62,10 @@ def test_detects_variant_and_class_count(torch_state):
   name, k, state = torch_state
   assert csfcn.detect(state) == (name, k)
   other = 'csfcn_tiny' if name == 'csfcn' else 'csfcn'
-  with pytest.raises(errors.ConversionError, match=f"checkpoint is '{name}'.*'{other}' was requested"):
-    csfcn.state_dict_to_variables(state, other)
-  with pytest.raises(errors.ConversionError, match=rf'{k} classes.*conv_out32\.conv_out\.weight.*num_classes=3'):
-    csfcn.state_dict_to_variables(state, name, 3)
+  with pytest.raises(errors.ConversionError, match=f"checkpoint is {name} .*'{other}' was requested"):
+    convert.state_dict_to_variables(state, model=other)
+  with pytest.raises(errors.ConversionError, match=rf'{k} classes.*num_classes=3'):
+    convert.state_dict_to_variables(state, model=name, num_classes=3)
 
 
 def test_errors_name_key_and_shapes(torch_state):
@@ -73,13 +73,13 @@ def test_errors_name_key_and_shapes(torch_state):
   bad = dict(state)
   bad['cfc.key_conv.weight'] = torch.zeros(32, 256)  # a Linear-shaped tensor where Conv1d (32, 256, 1) belongs
   with pytest.raises(errors.ConversionError, match=r"'cfc\.key_conv\.weight'.*\(32, 256\).*\(32, 256, 1\)"):
-    csfcn.state_dict_to_variables(bad)
+    convert.state_dict_to_variables(bad)
   missing = {key: v for key, v in state.items() if key != 'sfc.conv_offset.1.weight'}
   with pytest.raises(errors.ConversionError, match=r"missing key 'sfc\.conv_offset\.1\.weight' .*\(10, 64, 3, 3\)"):
-    csfcn.state_dict_to_variables(missing)
+    convert.state_dict_to_variables(missing)
   extra = dict(state, **{'cfc.gamma': torch.zeros(1)})
   with pytest.raises(errors.ConversionError, match=r"unexpected key 'cfc\.gamma' \(1,\)"):
-    csfcn.state_dict_to_variables(extra)
+    convert.state_dict_to_variables(extra)
   with pytest.raises(errors.ConversionError, match='not a CSFCN checkpoint'):
-    csfcn.state_dict_to_variables({'backbone.x': torch.zeros(1)})
+    csfcn.detect({'backbone.x': torch.zeros(1)})
   assert issubclass(errors.ConversionError, errors.UserError)

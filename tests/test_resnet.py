@@ -35,13 +35,13 @@ def test_load_imagenet_backbone_layout(tmp_path):
   torch_mod, path = _imagenet_checkpoint(tmp_path)
   state = torch.load(path, weights_only=True)
   assert {'conv1.0.weight', 'conv1.1.running_var', 'conv1.6.weight', 'bn1.weight', 'fc.weight'} <= set(state)
-  backbone, report = csfcn.backbone_state_dict_to_variables(state)
-  assert report['skipped'] == {
+  backbone, report = csfcn.load_backbone(state, csfcn.FAMILY.variable_shapes('csfcn', 19))
+  assert report.skipped == {
     'fc.weight': 'ImageNet classifier',
     'fc.bias': 'ImageNet classifier',
     **{k: 'buffer not used by the model' for k in state if k.endswith('num_batches_tracked')},
   }
-  assert len(report['used']) + len(report['skipped']) == len(state)
+  assert len(report.used) + len(report.skipped) == len(state)
   # merge into a freshly initialised CSFCN: its backbone now computes the ImageNet network
   model = csfcn.build('csfcn', 19)
   x = np.random.default_rng(3).standard_normal((1, 64, 64, 3)).astype(np.float32)
@@ -57,14 +57,18 @@ def test_load_imagenet_backbone_layout(tmp_path):
     assert rel(f, nhwc(w)) <= 1e-5
 
 
+def _load(state):
+  return csfcn.load_backbone(state, csfcn.FAMILY.variable_shapes('csfcn', 19))
+
+
 def test_imagenet_layout_errors_name_key_and_shape(tmp_path):
   _, path = _imagenet_checkpoint(tmp_path)
   state = torch.load(path, weights_only=True)
   bad = dict(state, **{'layer3.1.conv2.weight': torch.zeros(256, 256, 1, 1)})
   with pytest.raises(errors.ConversionError, match=r'layer3\.1\.conv2\.weight.*\(256, 256, 1, 1\).*\(256, 256, 3, 3\)'):
-    csfcn.backbone_state_dict_to_variables(bad)
+    _load(bad)
   missing = {k: v for k, v in state.items() if k != 'conv1.4.running_mean'}
   with pytest.raises(errors.ConversionError, match=r"missing key 'conv1\.4\.running_mean'.*\(64,\)"):
-    csfcn.backbone_state_dict_to_variables(missing)
+    _load(missing)
   with pytest.raises(errors.ConversionError, match=r"unexpected key 'layer5\.0\.conv1\.weight'"):
-    csfcn.backbone_state_dict_to_variables(dict(state, **{'layer5.0.conv1.weight': torch.zeros(1)}))
+    _load(dict(state, **{'layer5.0.conv1.weight': torch.zeros(1)}))

@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from cgrseg_jax import optim
+from cgrseg_jax import convert, optim
 from cgrseg_jax.models import cfc, csfcn
 from cgrseg_jax.torch_reference import csfcn as ref
 from csfcn_helpers import variables_for
@@ -62,10 +62,12 @@ def test_three_sgd_steps_match_torch(upstream_frozen):
     for k, p in names.items():
       p.grad = torch.from_numpy(grads_t[k])
     opt.step()
-    grads = csfcn.fill(grads_t, {'params': params})[0]['params']
+    grads = convert.fill_from_state_dict(grads_t, {'params': params}, csfcn.KEY_LAYOUT)[0]['params']
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  want = csfcn.fill({k: v.detach() for k, v in torch_mod.named_parameters()}, {'params': params})[0]['params']
+  want = convert.fill_from_state_dict(
+    {k: v.detach() for k, v in torch_mod.named_parameters()}, {'params': params}, csfcn.KEY_LAYOUT
+  )[0]['params']
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, want)
   before = variables_for(ref.randomize_(ref.ContextBlock(64), seed=0), flax_mod, x, train=False)['params']
   moved = not np.array_equal(params['key_conv']['kernel'], before['key_conv']['kernel'])

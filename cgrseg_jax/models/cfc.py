@@ -69,6 +69,22 @@ class LocalAttention(nn.Module):
     return x * jnp.tanh(y) + x
 
 
+class PointwiseConv1d(nn.Module):
+  """`nn.Conv1d(kernel_size=1)` over (N, S, C): a dense layer on the channel
+  axis whose kernel keeps PyTorch's (O, I) order (the state dict's (O, I, 1)
+  minus the unit axis), so conversion is a reshape. Init as PyTorch's fan-in scale."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform', in_axis=1, out_axis=0)
+    kernel = self.param('kernel', init, (self.features, x.shape[-1]), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    return jnp.einsum('nsc,oc->nso', x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
 class ContextBlock(nn.Module):
   """Upstream `CFC_CRB` (in 512, inner 256, key channels 32)."""
 
@@ -85,10 +101,8 @@ class ContextBlock(nn.Module):
     n, h, w, _ = x.shape
     query = conv(self.key_channels, 1, dtype=d, name='query_conv')(x).reshape(n, h * w, self.key_channels)
     pooled = pyramid_pool(x, self.grids)  # one pooling serves key_psp and value_psp (identical, parameter-free)
-    # Conv1d with kernel 1 over the bins == a dense layer on the channel axis.
-    dense = lambda f, name: nn.Dense(f, dtype=d, param_dtype=jnp.float32, name=name)
-    key = dense(self.key_channels, 'key_conv')(pooled)
-    value = dense(self.inter_channels, 'value_conv')(pooled)
+    key = PointwiseConv1d(self.key_channels, dtype=d, name='key_conv')(pooled)
+    value = PointwiseConv1d(self.inter_channels, dtype=d, name='value_conv')(pooled)
     attn = jax.nn.softmax(jnp.einsum('nqc,nsc->nqs', query, key).astype(jnp.float32), axis=-1).astype(d)
     context = jnp.einsum('nqs,nsc->nqc', attn, value).reshape(n, h, w, self.inter_channels)
     context = LocalAttention(self.inter_channels, self.local_channels, dtype=d, name='local_attention')(context, train)

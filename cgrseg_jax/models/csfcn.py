@@ -8,23 +8,22 @@ align_corners=True. Logits come out at 8x the stride-8 size, which is the input
 size for inputs that are multiples of 8; otherwise (upstream returns the larger
 map) they are cropped to the input size, which keeps pixel (i, j) where it is.
 
-Conversion (`state_dict_to_variables` / `variables_to_state_dict`) is the rule
-table `CONVERSION`: Flax module `<list>_<i>` <-> PyTorch `<list>.<i>` for the
-names in `list_modules`; leaves renamed by `leaf_names`; 4-D kernels HWIO <->
-OIHW; 2-D kernels (the context block's `Conv1d`s as dense layers) (I, O) <-> (O, I, 1).
+Conversion is the registry's generic walk (`cgrseg_jax/convert.py`, through
+`cgrseg_jax/loader.py`) with `KEY_LAYOUT`: Flax `<list>_<i>` <-> PyTorch
+`<list>.<i>`, 4-D kernels HWIO <-> OIHW, the context block's Conv1d kernels
+(O, I) <-> (O, I, 1).
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cgrseg_jax import errors
+from cgrseg_jax.models import registry
 from cgrseg_jax.models.cfc import ContextBlock, conv_bn_relu
 from cgrseg_jax.models.layers import conv
 from cgrseg_jax.models.resnet import DEPTHS, ResNet
@@ -129,92 +128,25 @@ def build(name: str, num_classes: int, dtype: Dtype = jnp.float32, **overrides) 
   return CSFCN(num_classes=num_classes, dtype=dtype, **cfg)
 
 
-def variable_shapes(name: str, num_classes: int) -> dict:
-  """Shapes/dtypes of a model's variables, without computing anything."""
-  model = build(name, num_classes)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
-
-
 # --------------------------------------------------------------------------- conversion
 
-CONVERSION = dict(
-  # Flax `<name>_<i>` is element i of the PyTorch nn.Sequential `<name>`.
-  list_modules=('conv1', 'layer1', 'layer2', 'layer3', 'layer4'),
-  leaf_names={
-    ('params', 'kernel'): 'weight',
-    ('params', 'scale'): 'weight',
-    ('batch_stats', 'mean'): 'running_mean',
-    ('batch_stats', 'var'): 'running_var',
-  },
-  # state-dict buffers with no Flax variable: skipped on load, written (as 0) on export
-  buffers=('num_batches_tracked',),
-  # the ImageNet backbone checkpoint's keys live under this prefix in the model
-  backbone_prefix='resnet.',
-  imagenet_head=('fc.',),
+
+def _torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The context block's Conv1d kernels are (O, I) here, (O, I, 1) in PyTorch."""
+  if key.endswith(CONV1D_WEIGHTS):
+    return tuple(flax_shape) + (1,)
+  return registry.default_torch_shape(key, flax_shape)
+
+
+CONV1D_WEIGHTS = ('key_conv.weight', 'value_conv.weight')  # suffixes: the block alone or in the model
+
+# Flax `<name>_<i>` is element i of the PyTorch nn.Sequential `<name>`; the rest
+# (leaf names, HWIO <-> OIHW, num_batches_tracked) is the registry's default.
+KEY_LAYOUT = registry.KeyLayout(
+  list_modules=('conv1', 'layer1', 'layer2', 'layer3', 'layer4'), torch_shape=_torch_shape
 )
-_LIST_RE = re.compile(r'^(%s)_(\d+)$' % '|'.join(CONVERSION['list_modules']))
-
-
-def flax_path_to_torch_key(collection: str, path: tuple[str, ...]) -> str:
-  """('params', ('resnet', 'layer1_0', 'downsample', '0', 'kernel')) -> 'resnet.layer1.0.downsample.0.weight'."""
-  parts = []
-  for p in path[:-1]:
-    m = _LIST_RE.match(p)
-    parts.extend([m.group(1), m.group(2)] if m else [p])
-  parts.append(CONVERSION['leaf_names'].get((collection, path[-1]), path[-1]))
-  return '.'.join(parts)
-
-
-def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """PyTorch shape of a variable: HWIO -> OIHW; a 2-D (Conv1d-as-dense) kernel (I, O) -> (O, I, 1)."""
-  if len(flax_shape) == 4:
-    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
-  if len(flax_shape) == 2:
-    return (flax_shape[1], flax_shape[0], 1)
-  return tuple(flax_shape)
-
-
-def to_flax(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
-  if value.ndim == 3:
-    return value[..., 0].T
-  return value
-
-
-def to_torch(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return value.transpose(3, 2, 0, 1)
-  if value.ndim == 2:
-    return value.T[..., None]
-  return value
-
-
-def _flatten(variables: Mapping[str, Any]) -> dict:
-  out = {}
-  for collection in ('params', 'batch_stats'):
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(variables.get(collection, {}))[0]:
-      out[(collection, tuple(k.key for k in keypath))] = leaf
-  return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-  out: dict = {}
-  for (collection, path), leaf in flat.items():
-    node = out.setdefault(collection, {})
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = leaf
-  return out
-
-
-def _numpy(v) -> np.ndarray:
-  if hasattr(v, 'detach'):
-    v = v.detach().cpu()
-    if str(v.dtype) == 'torch.bfloat16':
-      v = v.float()
-    return v.numpy()
-  return np.asarray(v)
+BACKBONE_PREFIX = 'resnet.'  # the ImageNet checkpoint's keys live under this prefix in the model
+IMAGENET_HEAD = 'fc.'
 
 
 def detect(state: Mapping[str, Any]) -> tuple[str, int]:
@@ -230,80 +162,34 @@ def detect(state: Mapping[str, Any]) -> tuple[str, int]:
   return 'csfcn_tiny', out_ch
 
 
-def fill(state: Mapping[str, Any], template: Mapping[str, Any], strict: bool = True, prefix: str = ''):
-  """Fill a variables template (shapes) from a state dict -> (variables, report).
-
-  `prefix` is removed from the keys the template produces (the backbone-only
-  layout). report = {'used': [...], 'skipped': {key: reason}}. Errors name the key and both shapes."""
-  report = {'used': [], 'skipped': {}}
-  flat = {}
-  for (collection, path), leaf in _flatten(template).items():
-    key = flax_path_to_torch_key(collection, path)
-    if not key.startswith(prefix):
-      continue
-    key = key[len(prefix) :]
-    want = torch_shape(tuple(leaf.shape))
-    if key not in state:
-      raise errors.ConversionError(f'checkpoint is missing key {key!r} (expected PyTorch shape {want})')
-    value = _numpy(state[key])
-    if tuple(value.shape) != want:
-      raise errors.ConversionError(
-        f'shape mismatch for key {key!r}: checkpoint has {tuple(value.shape)}, model expects {want}'
-      )
-    flat[(collection, path)] = np.asarray(to_flax(value), np.float32)
-    report['used'].append(key)
-  used = set(report['used'])
-  for key in state:
-    if key in used:
-      continue
-    if key.endswith(CONVERSION['buffers']):
-      report['skipped'][key] = 'buffer not used by the model'
-    elif not strict and key.startswith(CONVERSION['imagenet_head']):
-      report['skipped'][key] = 'ImageNet classifier'
-    else:
-      raise errors.ConversionError(
-        f'unexpected key {key!r} {tuple(state[key].shape)} in checkpoint: the model has no such variable'
-      )
-  return _unflatten(flat), report
-
-
-def state_dict_to_variables(
-  state: Mapping[str, Any], name: Optional[str] = None, num_classes: Optional[int] = None
-) -> tuple[dict, dict]:
-  """An upstream `model.state_dict()` (keys resnet.*, cfc.*, sfc.*, conv_out32.*) ->
-  (Flax variables as numpy, report). Strict: every variable present with its shape."""
-  found, k = detect(state)
-  if name is not None and name != found:
-    raise errors.ConversionError(f'checkpoint is {found!r} (read from its keys), but {name!r} was requested')
-  if num_classes is not None and num_classes != k:
+def detect_backbone(state: Mapping[str, Any]) -> list[str]:
+  """Model names an ImageNet deep-stem ResNet-18 (`resnet18-deep-inplane128.pth`) fits."""
+  need = ('conv1.0.weight', 'conv1.6.weight', 'bn1.weight', 'layer4.1.conv2.weight')
+  missing = [k for k in need if k not in state]
+  if missing:
+    raise errors.ConversionError(f'not a deep-stem ResNet checkpoint: key {missing[0]!r} is missing')
+  if tuple(state['conv1.6.weight'].shape) != (128, 64, 3, 3) or any(k.startswith('layer4.2.') for k in state):
     raise errors.ConversionError(
-      f'checkpoint has {k} classes (conv_out32.conv_out.weight {tuple(state["conv_out32.conv_out.weight"].shape)}), '
-      f'but num_classes={num_classes} was requested'
+      f'not the deep-stem ResNet-18 of CSFCN: conv1.6.weight {tuple(state["conv1.6.weight"].shape)} '
+      '(expected (128, 64, 3, 3)) or more than 2 blocks in layer4'
     )
-  variables, report = fill(state, variable_shapes(found, k))
-  report.update(name=found, num_classes=k)
-  return variables, report
+  return list(VARIANTS)
 
 
-def backbone_state_dict_to_variables(state: Mapping[str, Any]) -> tuple[dict, dict]:
-  """The ImageNet deep-stem ResNet-18 (`resnet18-deep-inplane128.pth`: conv1.0/.1/.3/.4/.6,
-  bn1, layerN.M.*; fc.* skipped) -> ({'params': {'resnet': ...}, 'batch_stats': {'resnet': ...}}, report),
-  to merge into a freshly initialised model."""
-  template = variable_shapes('csfcn_tiny', 1)
-  template = {c: {'resnet': t['resnet']} for c, t in template.items()}
-  return fill(state, template, strict=False, prefix=CONVERSION['backbone_prefix'])
+def load_backbone(state: Mapping[str, Any], template: Mapping[str, Any]):
+  """Fill the `resnet` part of `template` from the ImageNet checkpoint (conv1.0/.1/.3/.4/.6,
+  bn1, layerN.M.*; the classifier fc.* reported as skipped) -> (variables, LoadReport)."""
+  from cgrseg_jax import convert
 
-
-def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Flax variables -> an upstream-layout state dict (numpy), `num_batches_tracked`
-  written as 0, loadable strictly by the upstream model."""
-  state = {}
-  for (collection, path), leaf in _flatten(variables).items():
-    key = flax_path_to_torch_key(collection, path)
-    state[key] = np.ascontiguousarray(to_torch(np.asarray(leaf, np.float32)))
-    if collection == 'batch_stats' and path[-1] == 'var':
-      state[key[: -len('running_var')] + 'num_batches_tracked'] = np.array(0, np.int64)
-  return state
+  part = {c: {'resnet': t['resnet']} for c, t in template.items()}
+  return convert.fill_from_state_dict(
+    state,
+    part,
+    KEY_LAYOUT,
+    strict=True,
+    prefix=BACKBONE_PREFIX,
+    skip_unused=lambda k: 'ImageNet classifier' if k.startswith(IMAGENET_HEAD) else None,
+  )
 
 
 # Parameters upstream never hands to its optimizer: its `set_optimizer` keeps only
@@ -311,15 +197,31 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
 # their init. `optim.build_sgd(..., frozen=UPSTREAM_FROZEN)` reproduces that.
 UPSTREAM_FROZEN = (('cfc', 'key_conv', 'kernel'), ('cfc', 'value_conv', 'kernel'))
 
-# What a model registry needs from this family, as plain data and functions.
-FAMILY = dict(
-  names=tuple(VARIANTS),
-  build=build,  # (name, num_classes, dtype=..., **overrides) -> module
-  variable_shapes=variable_shapes,  # (name, num_classes) -> shapes of params / batch_stats
-  detect=detect,  # state dict -> (name, num_classes)
-  state_dict_to_variables=state_dict_to_variables,  # (state, name=None, num_classes=None) -> (variables, report)
-  variables_to_state_dict=variables_to_state_dict,  # variables -> upstream state dict (numpy)
-  backbone_state_dict_to_variables=backbone_state_dict_to_variables,  # ImageNet ResNet -> (variables, report)
-  conversion=CONVERSION,
-  upstream_frozen=UPSTREAM_FROZEN,
+
+def _torch_reference(name: str, num_classes: int):
+  from cgrseg_jax.torch_reference import csfcn as reference
+
+  return reference.build_torch_csfcn(name, num_classes)
+
+
+def _build(num_classes: int, dtype: Dtype = jnp.float32, variant: str = 'csfcn', **overrides) -> CSFCN:
+  return build(variant, num_classes, dtype=dtype, **overrides)
+
+
+FAMILY = registry.register(
+  registry.ModelFamily(
+    name='csfcn',
+    variants={n: {'variant': n} for n in VARIANTS},
+    build=_build,
+    key_layout=KEY_LAYOUT,
+    detect=detect,
+    loss_method='__call__',  # logits at the input size
+    loss_stride=1,
+    detect_backbone=detect_backbone,
+    load_backbone=load_backbone,
+    # SGD + warmup-poly (optim.OPTIMIZERS['sgd']) and OHEM (losses.LOSSES['ohem']); the
+    # numbers (lr, momentum, OHEM thresh / min_kept, ...) are config fields (configs/*csfcn*.py).
+    recipe={'optimizer.name': 'sgd', 'loss': 'ohem'},
+    torch_reference=_torch_reference,
+  )
 )

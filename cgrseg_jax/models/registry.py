@@ -242,4 +242,4 @@ def recipe_value(config, field: str, default: Any) -> Any:
 
 def _load_builtin():
   # The package's own families register on import of their modules.
-  from cgrseg_jax.models import cgrseg  # noqa: F401
+  from cgrseg_jax.models import cgrseg, csfcn  # noqa: F401

@@ -7,7 +7,7 @@ network here (see SPEC-CSFCN.md §1).
 
 Stem: three 3x3 convs (the first with stride 2; 3->64->64->128) with BN+ReLU
 between them, then `bn1`, ReLU and a 3x3 stride-2 max pool. Flax names follow
-the PyTorch keys through the list rule of `csfcn.CONVERSION` (`conv1_0` <->
+the PyTorch keys through the list rule of `csfcn.KEY_LAYOUT` (`conv1_0` <->
 `conv1.0`, `layer2_1` <-> `layer2.1`). Every stride-2 op pads (1, 1)
 symmetrically as PyTorch does (Flax 'SAME' would pad (0, 1) on even sizes).
 """
