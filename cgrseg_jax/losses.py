@@ -78,5 +78,21 @@ def ohem_cross_entropy(
   return jnp.sum(jnp.where(kept, nll, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
 
 
-# config.loss (default: the model family's recipe) -> loss(logits at any stride, labels).
-LOSSES = {'cross_entropy': segmentation_loss}
+def _to_labels(logits, labels):
+  # Logits at another stride are resized as mmseg does (bilinear, align_corners False).
+  return logits if logits.shape[1:3] == labels.shape[1:3] else resize.resize_bilinear(logits, labels.shape[1:3])
+
+
+def build_loss(name: str, config):
+  """config.loss (default: the model family's recipe) -> loss(logits at any stride, labels).
+  'cross_entropy': mmseg's decode-head loss; 'ohem': `ohem_cross_entropy` with
+  `config.ohem.thresh / min_kept`."""
+  if name == 'cross_entropy':
+    return segmentation_loss
+  if name == 'ohem':
+    thresh, min_kept = float(config.ohem.thresh), int(config.ohem.min_kept)
+    return lambda logits, labels: ohem_cross_entropy(_to_labels(logits, labels), labels, thresh, min_kept)
+  raise ValueError(f'config.loss={name!r}; expected one of {sorted(LOSSES)}')
+
+
+LOSSES = ('cross_entropy', 'ohem')

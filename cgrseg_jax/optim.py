@@ -170,13 +170,13 @@ def _adamw_mmcv(params: Any, config) -> optax.GradientTransformation:
   )
 
 
-# config.optimizer.name -> builder(params, config).
-OPTIMIZERS = {'adamw_mmcv': _adamw_mmcv}
-
-
 def learning_rate(config, step) -> float:
   """The base (multiplier 1) lr at iteration `step`, for logging."""
   s = config.schedule
+  if registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv') == 'sgd':
+    return float(
+      warmup_poly_lr(step, config.optimizer.lr, config.total_steps, s.warmup_steps, s.warmup_factor, s.power)
+    )
   return float(
     config.optimizer.lr
     * np.asarray(poly_warmup_factor(step, config.total_steps, s.power, s.warmup_steps, s.warmup_ratio))
@@ -253,3 +253,26 @@ def build_sgd(
   if not frozen:
     return train
   return optax.multi_transform({'train': train, 'frozen': optax.set_to_zero()}, _path_labels(params, frozen))
+
+
+def _sgd(params: Any, config) -> optax.GradientTransformation:
+  """`build_sgd` from the config: `optimizer.lr / momentum / weight_decay`,
+  `schedule.warmup_steps / warmup_factor / power`; with `optimizer.upstream_frozen`
+  the family's `upstream_frozen` parameters stay at their init (as upstream)."""
+  o, s = config.optimizer, config.schedule
+  frozen = registry.family_of(config.model.name).upstream_frozen if o.upstream_frozen else ()
+  return build_sgd(
+    params,
+    lr=o.lr,
+    max_iters=config.total_steps,
+    momentum=o.momentum,
+    weight_decay=o.weight_decay,
+    warmup_iters=s.warmup_steps,
+    warmup_factor=s.warmup_factor,
+    power=s.power,
+    frozen=frozen,
+  )
+
+
+# config.optimizer.name -> builder(params, config).
+OPTIMIZERS = {'adamw_mmcv': _adamw_mmcv, 'sgd': _sgd}

@@ -198,11 +198,9 @@ def train_and_evaluate(
   # ---- step
   dtype = registry.DTYPES[config.precision]
   loss_name = registry.recipe_value(config, 'loss', 'cross_entropy')
-  if loss_name not in losses.LOSSES:
-    raise ValueError(f'config.loss={loss_name!r}; expected one of {sorted(losses.LOSSES)}')
   step_fn = jax.jit(
     functools.partial(
-      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=losses.LOSSES[loss_name]
+      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=losses.build_loss(loss_name, config)
     ),
     in_shardings=(repl, data_sharding),
     out_shardings=(repl, repl),

@@ -106,14 +106,25 @@ def get_config(dataset: str = 'ade20k'):
     }
   )
   c.optimizer.grad_clip = config_dict.placeholder(float)  # upstream: none
+  # SGD only (optimizer 'sgd', the CSFCN recipe): torch SGD momentum, and
+  # upstream_frozen=True keeps the parameters upstream never trains (CSFCN's
+  # Conv1d weights) at their init, as upstream's optimizer does.
+  c.optimizer.momentum = 0.9
+  c.optimizer.upstream_frozen = False
 
   c.loss = config_dict.placeholder(str)  # None: the model family's (losses.LOSSES)
+  # OHEM cross-entropy (loss 'ohem'): keep pixels with target probability <= max(thresh,
+  # the min_kept-th smallest); min_kept counts pixels of the whole global batch.
+  c.ohem = ml_collections.ConfigDict()
+  c.ohem.thresh = 0.9
+  c.ohem.min_kept = 110_000
 
   # ---- schedule: mmcv poly (power 1, min_lr 0) + linear warmup, per iteration
   c.schedule = ml_collections.ConfigDict()
   c.schedule.power = 1.0
   c.schedule.warmup_steps = 1500
-  c.schedule.warmup_ratio = 1e-6
+  c.schedule.warmup_ratio = 1e-6  # AdamW (mmcv): warmup starts at lr * warmup_ratio
+  c.schedule.warmup_factor = 1.0 / 3.0  # SGD (CSFCN WarmupPolyLR): warmup starts at lr * warmup_factor
 
   # ---- loop
   c.log_every = 50  # scalars to TensorBoard / metrics.jsonl

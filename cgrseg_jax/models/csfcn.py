@@ -223,5 +223,6 @@ FAMILY = registry.register(
     # numbers (lr, momentum, OHEM thresh / min_kept, ...) are config fields (configs/*csfcn*.py).
     recipe={'optimizer.name': 'sgd', 'loss': 'ohem'},
     torch_reference=_torch_reference,
+    upstream_frozen=UPSTREAM_FROZEN,
   )
 )

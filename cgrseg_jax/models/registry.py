@@ -106,6 +106,9 @@ class ModelFamily:
   # template) -> (variables, LoadReport) filling the template's backbone part.
   detect_backbone: Optional[Callable[[Mapping[str, Any]], list[str]]] = None
   load_backbone: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[dict, Any]]] = None
+  # Parameter paths upstream never trains (its optimizer never sees them), frozen
+  # when `config.optimizer.upstream_frozen` is set.
+  upstream_frozen: tuple[tuple[str, ...], ...] = ()
   # Training recipe defaults where they differ from configs/default.py, as
   # config overrides, e.g. {'optimizer.custom_keys': {...}, 'loss': 'ce'}.
   recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
