@@ -1,9 +1,13 @@
-"""Speed, size and cost of CGRSeg in JAX, optionally against the PyTorch reference.
+"""Speed, size and cost of a registered model (CGRSeg, CSFCN) in JAX, optionally against its PyTorch reference.
 
   python scripts/benchmark.py --config=configs/ade20k_t.py --compare-torch --output=bench_t.json
   python scripts/benchmark.py --config=configs/ade20k_t.py --profile          # where the time goes
   python scripts/benchmark.py --config=configs/synthetic_t.py --variant=tiny --size=128,128 \\
       --batch-sizes=1,2 --train-batch=2 --reps=3 --compare-torch          # smoke run
+  # CSFCN (SPEC-CSFCN speed protocol: batch 1 at 1024x2048 and 720x960; train at the crop)
+  python scripts/benchmark.py --config=configs/cityscapes_csfcn.py --size=1024,2048 --batch-sizes=1 --skip-train --compare-torch
+  python scripts/benchmark.py --config=configs/camvid_csfcn.py --size=720,960 --batch-sizes=1 --skip-train --compare-torch
+  python scripts/benchmark.py --config=configs/cityscapes_csfcn.py --batch-sizes=1 --train-batch=12 --compare-torch
 
 Measured at the config's crop size (`--size` overrides), random weights:
 
@@ -12,9 +16,9 @@ Measured at the config's crop size (`--size` overrides), random weights:
 * JAX: compile time, eval latency (batch 1) and throughput (each batch size)
   of the jitted eval forward (`model.apply(..., train=False)`, normalised
   input, logits at the input size) in float32 and bfloat16; the training step
-  (`cgrseg_jax.train.train_step`: forward, loss, backward, AdamW) at
+  (`cgrseg_jax.train.train_step`: forward, the family's loss and optimizer) at
   `--train-batch`; peak device memory where the backend reports it;
-* `--compare-torch`: the same for `cgrseg_jax/torch_reference/cgrseg.py` on the same
+* `--compare-torch`: the same for the family's PyTorch reference (`cgrseg_jax/torch_reference/`) on the same
   inputs in the same run (eager; `--torch-compile` adds `torch.compile`),
   and the ratios JAX speed / PyTorch speed.
 
@@ -132,20 +136,21 @@ def peak_memory():
 # --------------------------------------------------------------------- JAX
 
 
-def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
+def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
   import jax
   import jax.numpy as jnp
-  from cgrseg_jax import optim, train
-  from cgrseg_jax.models import build_segmentor, registry
+  from cgrseg_jax import losses, optim, train
+  from cgrseg_jax.models import registry
 
   out: dict = {}
-  model32 = build_segmentor(variant, num_classes)
+  build = functools.partial(registry.build_model, name, num_classes)
+  model32 = build()
   variables = jax.jit(lambda k: model32.init(k, jnp.zeros((1, 64, 64, 3))))(jax.random.PRNGKey(0))
   out['params'] = int(sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])))
 
   for dtype_name in args.dtypes:
     dtype = dict(float32=jnp.float32, bfloat16=jnp.bfloat16)[dtype_name]
-    model = build_segmentor(variant, num_classes, dtype=dtype)
+    model = build(dtype=dtype)
     fwd = jax.jit(lambda v, x, model=model: model.apply(v, x, train=False))
     res: dict = {'eval': {}}
     for bs in args.batch_sizes:
@@ -157,7 +162,8 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
       if bs == args.batch_sizes[0] and dtype_name == 'float32':
         out['compile_s'] = compile_s
         # Depthwise convs may run as shifted sums; trace them as convolutions to count their multiply-adds.
-        counted = build_segmentor(variant, num_classes, depthwise='xla')
+        xla = {'depthwise': 'xla'} if 'depthwise' in registry.family_of(name).build_options else {}
+        counted = build(**xla)
         out['gmacs'] = (
           count_macs(jax.make_jaxpr(lambda v, x: counted.apply(v, x, train=False))(variables, x)) / bs / 1e9
         )
@@ -197,6 +203,7 @@ def bench_jax(args, variant, num_classes, hw, config, data, log) -> dict:
         tx=tx,
         dtype=model.dtype,
         method=registry.family_of(config.model.name).loss_method,
+        loss=losses.build_loss(registry.recipe_value(config, 'loss', 'cross_entropy'), config),
       ),
       donate_argnums=(0,),
     )
@@ -293,22 +300,36 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
 # ----------------------------------------------------------------- PyTorch
 
 
-def torch_reference():
-  """The PyTorch reference model module (`build_torch_segmentor`, `randomize_`)."""
-  from cgrseg_jax.torch_reference import cgrseg as ref
+def torch_ohem_cross_entropy(logits, label, thresh: float, min_kept: int, ignore: int = 255):
+  """Upstream CSFCN's OHEM loss, restated in PyTorch for the speed comparison."""
+  import torch
 
-  return ref
+  label = label.reshape(-1)
+  valid = label != ignore
+  prob = torch.softmax(logits, 1).permute(1, 0, 2, 3).reshape(logits.shape[1], -1)
+  prob = prob.gather(0, torch.where(valid, label, 0)[None])[0].masked_fill(~valid, 1.0)
+  keep = valid
+  if min_kept <= int(valid.sum()) and min_kept > 0:
+    kth = prob.sort()[0][min(label.numel(), min_kept) - 1]
+    keep = valid & (prob <= max(thresh, float(kth)))
+  target = torch.where(keep, label, ignore).reshape(logits.shape[0], *logits.shape[2:])
+  return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore)
 
 
-def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -> dict:
+def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bool) -> dict:
+  import importlib
+
   import torch
   import torch.nn.functional as F
 
-  ref = torch_reference()
+  from cgrseg_jax.models import registry
+
+  family = registry.family_of(name)
   torch.set_num_threads(args.threads)
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-  tm = ref.randomize_(ref.build_torch_segmentor(variant, num_classes), seed=0).to(device)
+  tm = family.torch_reference(name, num_classes)
+  tm = importlib.import_module(type(tm).__module__).randomize_(tm, seed=0).to(device)
   out: dict = dict(threads=args.threads, device=device, eval={})
   tm.eval()
   runner = tm
@@ -340,9 +361,23 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
   if not args.skip_train:
     bs = args.train_batch
     tm.train()
-    decode = torch.compile(tm.decode) if compile_mode else tm.decode
-    # The reference recipe: AdamW; the loss on stride-8 logits resized to the labels.
-    opt = torch.optim.AdamW(tm.parameters(), lr=1.2e-4, betas=(0.9, 0.999), weight_decay=0.01)
+    head = getattr(tm, family.loss_method) if family.loss_method != '__call__' else tm
+    decode = torch.compile(head) if compile_mode else head
+    # The family's recipe: CGRSeg AdamW + cross-entropy on the stride-8 logits resized to the
+    # labels; CSFCN SGD (1-D params without decay) + OHEM on the full-size logits.
+    sgd = registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv') == 'sgd'
+    ohem = registry.recipe_value(config, 'loss', 'cross_entropy') == 'ohem'
+    if sgd:
+      params = list(tm.parameters())
+      groups = [
+        {'params': [p for p in params if p.ndim > 1]},
+        {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
+      ]
+      opt = torch.optim.SGD(
+        groups, lr=config.optimizer.lr, momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay
+      )
+    else:
+      opt = torch.optim.AdamW(tm.parameters(), lr=1.2e-4, betas=(0.9, 0.999), weight_decay=0.01)
     image = torch.from_numpy(data['image'][:bs]).to(device)
     label = torch.from_numpy(data['label'][:bs].astype(np.int64)).to(device)
     mean = torch.tensor([123.675, 116.28, 103.53], device=device)
@@ -351,8 +386,12 @@ def bench_torch(args, variant, num_classes, hw, data, log, compile_mode: bool) -
     def one():
       x = ((image.flip(-1).float() - mean) / std).permute(0, 3, 1, 2).contiguous()  # BGR -> RGB, NCHW
       logits = decode(x)
-      logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
-      loss = F.cross_entropy(logits, label, ignore_index=255, reduction='sum') / label.numel()
+      if logits.shape[2:] != label.shape[1:]:
+        logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
+      if ohem:
+        loss = torch_ohem_cross_entropy(logits, label, config.ohem.thresh, config.ohem.min_kept)
+      else:
+        loss = F.cross_entropy(logits, label, ignore_index=255, reduction='sum') / label.numel()
       opt.zero_grad(set_to_none=True)
       loss.backward()
       opt.step()
@@ -525,7 +564,7 @@ def table(result: dict) -> str:
   width = max(len(r[0]) for r in rows) + 2
   peak = result.get('peak_gflops')
   lines = [
-    f'CGRSeg-{result["variant"].upper()} at {result["input"][0]}x{result["input"][1]}, '
+    f'{result["model"]} at {result["input"][0]}x{result["input"][1]}, '
     f'{result["params"] / 1e6:.2f}M params, {result["gmacs"]:.2f} GMACs (convs+matmuls), '
     f'XLA {result.get("gflops_xla") or float("nan"):.2f} GFLOPs',
     f'device: {result.get("device")}; peak {peak or float("nan"):.0f} GFLOP/s float32; {result["host"]}',
@@ -577,11 +616,11 @@ def worker_env(side: str, threads: int) -> dict:
 
 def run_worker(args, side: str, log) -> dict:
   """Measure one framework in this process (`--worker=SIDE`)."""
-  config, variant, num_classes, hw = setup(args)
+  config, name, num_classes, hw = setup(args)
   data = make_data(args, hw, num_classes)
   if side == 'jax':
-    return bench_jax(args, variant, num_classes, hw, config, data, log)
-  return bench_torch(args, variant, num_classes, hw, data, log, compile_mode=side == 'torch_compile')
+    return bench_jax(args, name, num_classes, hw, config, data, log)
+  return bench_torch(args, name, num_classes, hw, config, data, log, compile_mode=side == 'torch_compile')
 
 
 def spawn(side: str, argv: list[str], args, log) -> dict:
@@ -607,9 +646,8 @@ def setup(args):
     if args.num_classes:
       config.model.num_classes = args.num_classes
   name, num_classes = config.model.name, config.model.num_classes
-  variant = registry.family_of(name).variants[name]['variant']  # CGRSeg's builder and reference take the variant
   hw = tuple(int(v) for v in args.size.split(',')) if args.size else tuple(config.data.crop_size)
-  return config, variant, num_classes, hw
+  return config, name, num_classes, hw
 
 
 def make_data(args, hw, num_classes) -> dict:
@@ -629,7 +667,13 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--config', default='configs/ade20k_t.py')
-  p.add_argument('--variant', default=None, help='override config.model.name (cgrseg_tiny, or its short form tiny)')
+  p.add_argument(
+    '--model',
+    '--variant',
+    dest='variant',
+    default=None,
+    help='override config.model.name (csfcn, cgrseg_tiny, or tiny)',
+  )
   p.add_argument('--num-classes', type=int, default=None)
   p.add_argument('--size', default=None, help='H,W (default: config.data.crop_size)')
   p.add_argument('--batch-sizes', default='1,8,32')
@@ -661,7 +705,11 @@ def main(argv=None) -> int:
       json.dump(res, f)
     return 0
 
-  config, variant, num_classes, hw = setup(args)
+  from cgrseg_jax.models import registry
+
+  config, name, num_classes, hw = setup(args)
+  family = registry.family_of(name)
+  variant = name[len(family.name) + 1 :] if name.startswith(family.name + '_') else name
   worker_argv = []  # the same options, less --output (the workers write their own files)
   skip = False
   for a in argv:
@@ -670,6 +718,7 @@ def main(argv=None) -> int:
     skip = a == '--output'
   result: dict = dict(
     config=args.config,
+    model=name,
     variant=variant,
     num_classes=num_classes,
     input=list(hw),

@@ -170,6 +170,10 @@ class CSFCNTorch(nn.Module):
     self.sfc = SpatialBlock(tiny)
     self.conv_out32 = Head(num_classes, tiny)
 
+  def extract_features(self, x):
+    """layer2 / layer3 / layer4 (strides 8, 16, 32), as the Flax model's method of that name."""
+    return self.resnet(x)[1:]
+
   def forward_stages(self, x):
     _, feat8, feat16, feat32 = self.resnet(x)
     ctx = self.cfc(feat32)
