@@ -306,7 +306,7 @@ def torch_ohem_cross_entropy(logits, label, thresh: float, min_kept: int, ignore
 
   label = label.reshape(-1)
   valid = label != ignore
-  prob = torch.softmax(logits, 1).permute(1, 0, 2, 3).reshape(logits.shape[1], -1)
+  prob = torch.softmax(logits.detach(), 1).permute(1, 0, 2, 3).reshape(logits.shape[1], -1)
   prob = prob.gather(0, torch.where(valid, label, 0)[None])[0].masked_fill(~valid, 1.0)
   keep = valid
   if min_kept <= int(valid.sum()) and min_kept > 0:
