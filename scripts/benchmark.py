@@ -641,8 +641,8 @@ def setup(args):
 
   config = load_config(args.config)
   with config.unlocked():
-    if args.variant:  # a registered model name or its short form (tiny)
-      config.model.name = registry.resolve(args.variant)
+    if args.variant:  # a registered model name or its short form within the config's family (tiny)
+      config.model.name = registry.resolve(args.variant, registry.family_of(config.model.name).name)
     if args.num_classes:
       config.model.num_classes = args.num_classes
   name, num_classes = config.model.name, config.model.num_classes

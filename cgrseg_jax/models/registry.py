@@ -183,12 +183,15 @@ def family_of(name: str) -> ModelFamily:
   return _MODELS[name]
 
 
-def resolve(name_or_variant: str) -> str:
+def resolve(name_or_variant: str, family: Optional[str] = None) -> str:
   """A registered model name from itself or from its short form within one
-  family ('t' -> 'cgrseg_t'); ambiguous or unknown short forms are errors."""
+  family ('t' -> 'cgrseg_t'; 'tiny' -> 'cgrseg_tiny' with family='cgrseg');
+  ambiguous or unknown short forms are errors."""
   _load_builtin()
   if name_or_variant in _MODELS:
     return name_or_variant
+  if family is not None and f'{family}_{name_or_variant}' in _MODELS:
+    return f'{family}_{name_or_variant}'
   matches = [n for n, f in _MODELS.items() if n == f'{f.name}_{name_or_variant}']
   if len(matches) != 1:
     raise errors.ConfigError(
