@@ -48,10 +48,13 @@ def pixel_shuffle(x, r: int):
   return x.reshape(n, h * r, w * r, c)
 
 
-class PixelShuffleHead(nn.Module):
-  """Upstream `BiSeNetOutput` of CSFCN: ConvBNReLU3x3, conv1x1 -> K r^2 (bias), PixelShuffle(r)."""
+class OutputHead(nn.Module):
+  """Upstream `BiSeNetOutput`: ConvBNReLU3x3, conv1x1 (bias), then x`up` to the input size.
+  CSFCN predicts K r^2 channels and PixelShuffles them; Tiny predicts K channels and
+  resizes bilinearly with align_corners=True."""
 
   num_classes: int
+  upsample: str  # 'pixel_shuffle' | 'bilinear'
   channels: int = 128
   up: int = UPSAMPLE
   dtype: Dtype = jnp.float32
@@ -59,21 +62,9 @@ class PixelShuffleHead(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = conv_bn_relu(self.channels, 3, self.dtype, 'conv')(x, train)
-    x = conv(self.num_classes * self.up * self.up, 1, dtype=self.dtype, name='conv_out')(x)
-    return pixel_shuffle(x, self.up)
-
-
-class BilinearHead(nn.Module):
-  """The Tiny head: ConvBNReLU3x3, conv1x1 -> K (bias), bilinear x r, align_corners=True."""
-
-  num_classes: int
-  channels: int = 128
-  up: int = UPSAMPLE
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = conv_bn_relu(self.channels, 3, self.dtype, 'conv')(x, train)
+    if self.upsample == 'pixel_shuffle':
+      x = conv(self.num_classes * self.up * self.up, 1, dtype=self.dtype, name='conv_out')(x)
+      return pixel_shuffle(x, self.up)
     x = conv(self.num_classes, 1, dtype=self.dtype, name='conv_out')(x)
     return resize_bilinear_align_corners(x, (x.shape[1] * self.up, x.shape[2] * self.up))
 
@@ -91,8 +82,9 @@ class CSFCN(nn.Module):
     self.resnet = ResNet(DEPTHS[self.backbone], dtype=d)
     self.cfc = ContextBlock(local_channels=self.local_channels, dtype=d)
     self.sfc = SpatialBlock(proj_channels=self.sfc_proj_channels, dtype=d)
-    head = {'pixel_shuffle': PixelShuffleHead, 'bilinear': BilinearHead}[self.head]
-    self.conv_out32 = head(self.num_classes, dtype=d)
+    if self.head not in ('pixel_shuffle', 'bilinear'):
+      raise ValueError(f"CSFCN head={self.head!r}; expected 'pixel_shuffle' or 'bilinear'")
+    self.conv_out32 = OutputHead(self.num_classes, self.head, dtype=d)
 
   def extract_features(self, x, train: bool = False):
     """The backbone's layer2 / layer3 / layer4 maps (strides 8, 16, 32)."""
