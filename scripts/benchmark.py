@@ -11,8 +11,9 @@
 
 Measured at the config's crop size (`--size` overrides), random weights:
 
-* parameters; multiply-adds of every conv and matmul (attention included),
-  counted on the traced program, and XLA's cost-analysis FLOPs;
+* parameters; multiply-adds of every conv and matmul (attention included,
+  pooling written as a matmul not; `count_macs`), counted on the traced program,
+  and XLA's cost-analysis FLOPs;
 * JAX: compile time, eval latency (batch 1) and throughput (each batch size)
   of the jitted eval forward (`model.apply(..., train=False)`, normalised
   input, logits at the input size) in float32 and bfloat16; the training step
@@ -47,6 +48,7 @@ import gzip
 import glob
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
@@ -92,31 +94,79 @@ def load_config(path: str):
 
 
 def count_macs(closed_jaxpr) -> int:
-  """Multiply-adds of every convolution and dot_general in a (nested) jaxpr."""
+  """Multiply-adds of the convolutions and matmuls (dot_general) of a traced
+  program, nested sub-jaxprs (jit, custom_jvp, ...) included.
+
+  The convention of mmcv's get_flops / fvcore (both count multiply-adds): a conv
+  is out_h*out_w*out_c * in_c/groups*kh*kw, a matmul its output size times the
+  contracted size; elementwise work, pooling, bilinear resizing, grid sampling
+  and PixelShuffle count nothing. Two differences from a plain sum over equations:
+  - a matmul with a trace-time constant operand is resampling written as a
+    matmul (`resize.adaptive_avg_pool`'s averaging matrices: CSFCN's pyramid
+    pooling, CGRSeg's pyramid context), i.e. pooling: not counted;
+  - a scan body counts `length` times, a cond its costliest branch (a while body once).
+  Attention matmuls (activation x activation) are counted, as fvcore does and
+  mmcv (hooks on conv / linear modules only) does not: CGRSeg-T at 512x512 is
+  4.53 G here, 3.95 G of convs and 0.58 G of attention; the paper's 4.0 is
+  mmcv's count (the convs, plus the small per-element terms mmcv adds for norms
+  and activations). CSFCN at 720x960 is 50.35 G, 19.1 G of it the deep stem's
+  two full-width 3x3 convs at stride 2 (a 7x7-stem ResNet-18 would be ~25 G).
+  """
+  jaxpr = closed_jaxpr.jaxpr
+  return _macs(jaxpr, [False] * len(jaxpr.invars))
+
+
+def _macs(jaxpr, const_in) -> int:
+  """`count_macs` of one jaxpr, given which of its inputs are trace-time constants."""
+  from jax.extend import core
+
+  const = set(jaxpr.constvars) | {v for v, c in zip(jaxpr.invars, const_in) if c}
+  total = 0
+  for eqn in jaxpr.eqns:
+    in_const = [isinstance(v, core.Literal) or v in const for v in eqn.invars]
+    if all(in_const):  # computed from constants only (a table built at trace time): XLA folds it
+      const.update(eqn.outvars)
+      continue
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out feat, in feat per group, spatial...)
+      total += math.prod(eqn.outvars[0].aval.shape) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+    elif name == 'dot_general' and not any(in_const[:2]):
+      (contract, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval.shape
+      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+    elif name == 'cond':  # operand 0 picks the branch, the rest are the branches' inputs
+      total += max(_macs(b.jaxpr, in_const[1:]) for b in eqn.params['branches'])
+      continue
+    for sub in _sub_jaxprs(eqn):
+      # jit / custom_jvp / remat pass their operands through in order; loops carry state.
+      wired = name not in ('scan', 'while') and len(sub.invars) == len(eqn.invars)
+      times = eqn.params['length'] if name == 'scan' else 1
+      total += times * _macs(sub, in_const if wired else [False] * len(sub.invars))
+  return total
+
+
+def _sub_jaxprs(eqn):
+  from jax.extend import core
+
+  for value in eqn.params.values():
+    for sub in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(sub, core.ClosedJaxpr):
+        yield sub.jaxpr
+      elif isinstance(sub, core.Jaxpr):
+        yield sub
+
+
+def model_macs(name: str, num_classes: int, variables, x) -> int:
+  """`count_macs` of the registered model's eval forward on `x` (its whole batch)."""
   import jax
+  from cgrseg_jax.models import registry
 
-  def walk(jaxpr) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      if name == 'conv_general_dilated':
-        out = eqn.outvars[0].aval.shape
-        rhs = eqn.invars[1].aval.shape
-        spec = eqn.params['dimension_numbers'].rhs_spec  # (out feat, in feat, spatial...)
-        total += int(np.prod(out)) * rhs[spec[1]] * int(np.prod([rhs[d] for d in spec[2:]]))
-      elif name == 'dot_general':
-        (lc, _), _ = eqn.params['dimension_numbers']
-        lhs = eqn.invars[0].aval.shape
-        total += int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lc]))
-      for v in eqn.params.values():
-        for sub in v if isinstance(v, (tuple, list)) else (v,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            total += walk(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            total += walk(sub)
-    return total
-
-  return walk(closed_jaxpr.jaxpr)
+  # Depthwise convs may run as shifted sums; trace them as convolutions to count their multiply-adds.
+  xla = {'depthwise': 'xla'} if 'depthwise' in registry.family_of(name).build_options else {}
+  model = registry.build_model(name, num_classes, **xla)
+  return count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x))
 
 
 def xla_flops(compiled) -> float | None:
@@ -161,12 +211,7 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
       compile_s = time.perf_counter() - t
       if bs == args.batch_sizes[0] and dtype_name == 'float32':
         out['compile_s'] = compile_s
-        # Depthwise convs may run as shifted sums; trace them as convolutions to count their multiply-adds.
-        xla = {'depthwise': 'xla'} if 'depthwise' in registry.family_of(name).build_options else {}
-        counted = build(**xla)
-        out['gmacs'] = (
-          count_macs(jax.make_jaxpr(lambda v, x: counted.apply(v, x, train=False))(variables, x)) / bs / 1e9
-        )
+        out['gmacs'] = model_macs(name, num_classes, variables, x) / bs / 1e9
         flops = xla_flops(compiled)
         out['gflops_xla'] = flops / bs / 1e9 if flops else None
       timing = measure(lambda: compiled(variables, x).block_until_ready(), args.warmup, args.reps)
