@@ -84,6 +84,18 @@ def measure(fn, warmup: int, reps: int) -> dict:
   )
 
 
+def report_train(out: dict, timing: dict, bs: int, label: str, log, **extra):
+  """Store a training-step timing in a framework's result (`train_step_s`,
+  `train_img_per_s`, `train_batch`, `train` and `extra`, e.g. the compile time) and log it."""
+  out.update(
+    train_step_s=timing['median_s'], train_img_per_s=bs / timing['median_s'], train_batch=bs, train=timing, **extra
+  )
+  text = f'{label}: {timing["median_s"]:.3f} s/step ({bs / timing["median_s"]:.2f} img/s)'
+  for k, v in extra.items():
+    text += f', {k.removeprefix("train_").removesuffix("_s").replace("_", " ")} {v:.1f}s'
+  log(text)
+
+
 def load_config(path: str):
   from cgrseg_jax import config_files
 
@@ -266,17 +278,13 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
       box[0], metrics = compiled(box[0], batch)
       metrics['loss'].block_until_ready()
 
-    timing = measure(one, args.warmup, args.reps)
-    out.update(
-      train_step_s=timing['median_s'],
-      train_img_per_s=bs / timing['median_s'],
-      train_batch=bs,
+    report_train(
+      out,
+      measure(one, args.warmup, args.reps),
+      bs,
+      f'jax train bs{bs} ({config.precision})',
+      log,
       train_compile_s=train_compile,
-      train=timing,
-    )
-    log(
-      f'jax train bs{bs} ({config.precision}): {timing["median_s"]:.3f} s/step ({bs / timing["median_s"]:.2f} '
-      f'img/s), compile {train_compile:.1f}s'
     )
   out['peak_memory_bytes'] = peak_memory() or peak_rss()
   out['device'] = device_name(jax.devices()[0].platform, str(jax.devices()[0].device_kind))
@@ -446,18 +454,8 @@ def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bo
     t = time.perf_counter()
     one()
     first = time.perf_counter() - t
-    timing = measure(one, max(args.warmup - 1, 0), args.reps)
-    out.update(
-      train_step_s=timing['median_s'],
-      train_img_per_s=bs / timing['median_s'],
-      train_batch=bs,
-      train_first_call_s=first,
-      train=timing,
-    )
-    log(
-      f'torch{" compiled" if compile_mode else ""} train bs{bs}: {timing["median_s"]:.3f} s/step '
-      f'({bs / timing["median_s"]:.2f} img/s)'
-    )
+    what = f'torch{" compiled" if compile_mode else ""} train bs{bs}'
+    report_train(out, measure(one, max(args.warmup - 1, 0), args.reps), bs, what, log, train_first_call_s=first)
   out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated()) if device == 'cuda' else peak_rss()
   out['device'] = device_name(device, torch.cuda.get_device_name() if device == 'cuda' else '')
   out['platform'] = device
