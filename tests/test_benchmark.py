@@ -143,6 +143,30 @@ def test_count_macs_rules(benchmark):
   assert count(lambda i, x: jax.lax.switch(i, branches, x), jax.ShapeDtypeStruct((), jnp.int32), a) == 2 * 7 * 7 * 3
 
 
+def _cpuinfo(vendor: str, family: int, name: str, flags: str, cores: int = 2, mhz: float = 2600.0) -> str:
+  core = (
+    f'vendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: {name}\ncpu MHz\t\t: {mhz}\nflags\t\t: {flags}\n'
+  )
+  return '\n'.join([core] * cores)
+
+
+@pytest.mark.parametrize(
+  'vendor,family,name,flags,per_cycle',
+  [
+    ('AuthenticAMD', 26, 'AMD EPYC', 'sse fma avx2 avx512f', 64),  # Zen 5: two 512-bit FMA pipes x 16 lanes x 2
+    ('AuthenticAMD', 25, 'AMD EPYC 9654', 'sse fma avx2 avx512f', 32),  # Zen 4: AVX-512 on 256-bit pipes
+    ('AuthenticAMD', 23, 'AMD EPYC 7B12', 'sse fma avx2', 32),
+    ('GenuineIntel', 6, 'Intel(R) Xeon(R) Platinum 8480C', 'sse fma avx2 avx512f', 64),
+    ('GenuineIntel', 6, 'Intel(R) Core(TM) i7-1165G7', 'sse fma avx2 avx512f', 32),
+    ('GenuineIntel', 6, 'Intel(R) Xeon(R) CPU E5-2680 0', 'sse avx', 16),  # no FMA: one add + one mul, 8 lanes
+  ],
+)
+def test_cpu_peak(benchmark, vendor, family, name, flags, per_cycle):
+  info = _cpuinfo(vendor, family, name, flags)
+  assert benchmark.cpu_flops_per_cycle(info) == per_cycle
+  assert benchmark.cpu_peak_gflops(info, cores=2) == pytest.approx(2 * 2.6 * per_cycle)
+
+
 def test_benchmark_smoke(tmp_path):
   out = tmp_path / 'bench.json'
   proc = subprocess.run(
@@ -184,6 +208,8 @@ def test_benchmark_smoke(tmp_path):
   assert set(r['ratio']) == {'eval_bs1', 'eval_bs8', 'train'}
   # Each framework measured in its own process; fraction of peak from the count and the device's peak.
   assert r['device'] and r['jax']['platform'] == 'cpu' and r['torch']['platform'] == 'cpu'
+  # The CPU peak is at least what a measured float32 matmul reaches.
+  assert r['matmul_gflops'] > 0 and r['peak_gflops'] >= r['matmul_gflops']
   if r['peak_gflops']:
     want = r['jax']['eval_img_per_s']['1'] * 2 * r['gmacs'] / r['peak_gflops']
     assert r['jax']['fraction_of_peak']['eval_bs1'] == pytest.approx(want)
