@@ -52,6 +52,30 @@ def test_batchnorm_train_and_running_stats_match_torch():
   np.testing.assert_allclose(bn.apply(variables, x, train=False), nhwc(bn_t(nchw(x))), rtol=1e-5, atol=1e-5)
 
 
+def test_batchnorm_train_gradients_match_torch():
+  """Input, scale and bias gradients of training-mode BatchNorm (hand-written VJP) against autograd."""
+  rng = np.random.default_rng(3)
+  x = (rng.standard_normal((3, 5, 4, 6)) * 2 + 0.5).astype(np.float32)
+  gy = rng.standard_normal(x.shape).astype(np.float32)
+  bn_t = torch.nn.BatchNorm2d(6).train()
+  with torch.no_grad():
+    bn_t.weight.uniform_(0.5, 1.5)
+    bn_t.bias.normal_()
+  xt = nchw(x).requires_grad_(True)
+  bn_t(xt).backward(nchw(gy))
+  params = {'scale': jnp.asarray(bn_t.weight.detach().numpy()), 'bias': jnp.asarray(bn_t.bias.detach().numpy())}
+  stats = {'mean': jnp.zeros(6), 'var': jnp.ones(6)}
+
+  def f(p, x):
+    y, _ = BatchNorm().apply({'params': p, 'batch_stats': stats}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(y * gy)
+
+  dp, dx = jax.grad(f, argnums=(0, 1))(params, jnp.asarray(x))
+  np.testing.assert_allclose(dx, nhwc(xt.grad), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dp['scale'], bn_t.weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dp['bias'], bn_t.bias.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_batchnorm_bfloat16_compute_keeps_float32_stats():
   x = np.random.default_rng(1).standard_normal((2, 4, 4, 3)).astype(np.float32)
   bn = BatchNorm(dtype=jnp.bfloat16)

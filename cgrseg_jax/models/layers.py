@@ -250,6 +250,45 @@ class DepthwiseConv(nn.Module):
     return fn(x.astype(self.dtype), kernel[:, :, 0, :], bias, self.stride, tuple(self.padding))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Training-mode batch norm over every axis but the last, in float32:
+  (y, batch mean, biased batch variance). The variance is two-pass (no
+  cancellation). The hand-written gradient is the textbook one: two
+  reductions (sum g, sum g * xhat) and one elementwise pass, where autodiff
+  through mean and variance gives three gradient paths into x, summed in
+  extra passes over the activation (a tenth of the CGRSeg-T train step)."""
+  return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axes)
+  var = jnp.mean(jnp.square(xf - mean), axes)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (xf - mean) * (scale * rstd) + bias
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_train_bwd(epsilon, res, cotangents):
+  # The mean and variance outputs only feed the running statistics, which are
+  # not differentiated: their cotangents are zero and ignored.
+  del epsilon
+  x, mean, rstd, scale = res
+  gy = cotangents[0]
+  axes = tuple(range(x.ndim - 1))
+  m = math.prod(x.shape[:-1])
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dbias = jnp.sum(gy, axes)
+  dscale = jnp.sum(gy * xhat, axes)
+  dx = (scale * rstd) * (gy - dbias / m - xhat * (dscale / m))
+  return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
   """`nn.BatchNorm2d` / SyncBN over the last axis.
 
@@ -270,11 +309,8 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    xf = x.astype(jnp.float32)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)  # two-pass: no cancellation
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         n = math.prod(x.shape[:-1])
         m = self.momentum
@@ -282,7 +318,7 @@ class BatchNorm(nn.Module):
         ra_var.value = (1.0 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
     else:
       mean, var = ra_mean.value, ra_var.value
-    y = (xf - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+      y = (x.astype(jnp.float32) - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
     return y.astype(self.dtype or x.dtype)
 
 
