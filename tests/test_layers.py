@@ -184,3 +184,22 @@ def test_depthwise_conv_gradients_match_torch(kernel, stride, padding, hw, impl)
 def test_depthwise_impl_is_checked():
   with pytest.raises(ValueError, match='depthwise'):
     conv(4, 3, padding=1, groups=4, depthwise='fast').init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 4)))
+
+
+def test_pointwise_conv_gradients_match_torch():
+  """1x1 conv (a matmul over channels with hand-written GEMM gradients) against torch conv2d autograd."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 5, 6, 7)).astype(np.float32)
+  gy = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+  conv_t = torch.nn.Conv2d(7, 3, 1)
+  xt = nchw(x).requires_grad_(True)
+  conv_t(xt).backward(nchw(gy))
+  mod = conv(3, 1)
+  params = {
+    'kernel': jnp.asarray(conv_t.weight.detach().numpy().transpose(2, 3, 1, 0)),
+    'bias': jnp.asarray(conv_t.bias.detach().numpy()),
+  }
+  dp, dx = jax.grad(lambda p, x: jnp.sum(mod.apply({'params': p}, x) * gy), argnums=(0, 1))(params, jnp.asarray(x))
+  np.testing.assert_allclose(dx, nhwc(xt.grad), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dp['kernel'], conv_t.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dp['bias'], conv_t.bias.grad.numpy(), rtol=1e-5, atol=1e-5)

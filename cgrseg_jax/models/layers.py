@@ -192,6 +192,31 @@ def conv(
   )
 
 
+@jax.custom_vjp
+def channel_matmul(x, w):
+  """x (..., I) @ w (I, O) with both gradients written as GEMMs on the
+  flattened (pixels, channels) activations: dw = x^T g contracts the pixel
+  axis of both operands where they lie, which XLA CPU runs as one GEMM. The
+  autodiff form computes (g^T x)^T, and XLA then writes the activation
+  gradient a second time, transposed (a 128x128x128x8 tensor costs ~55 ms)."""
+  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _channel_matmul_fwd(x, w):
+  return channel_matmul(x, w), (x, w)
+
+
+def _channel_matmul_bwd(res, g):
+  x, w = res
+  dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
+  g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+  dw = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
 class PointwiseConv(nn.Module):
   """1x1 convolution as a matmul over the channel axis. As `conv_general_dilated`
   its kernel gradient is a convolution with batch and feature dimensions
@@ -208,7 +233,7 @@ class PointwiseConv(nn.Module):
   def __call__(self, x):
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     x = x.astype(self.dtype)
-    y = jax.lax.dot_general(x, kernel[0, 0].astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    y = channel_matmul(x, kernel[0, 0].astype(self.dtype))
     if self.bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y
