@@ -209,14 +209,20 @@ def train_and_evaluate(
 
   # ---- checkpoint: resume from workdir (the newest step that restores), else config.init
   ckpts = checkpointing.RunCheckpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
-  state, latest = ckpts.restore_latest(abstract, train_it)
-  if latest is not None:
-    log.info('resumed from %s/checkpoints/%d', workdir, latest)
-  else:
-    host_vars = loader.initial_variables(
-      config.init, jax.device_get(init_vars), config.model.name, config.model.num_classes
-    )
-    state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
+  try:
+    state, latest = ckpts.restore_latest(abstract, train_it)
+    if latest is not None:
+      log.info('resumed from %s/checkpoints/%d', workdir, latest)
+    else:
+      host_vars = loader.initial_variables(
+        config.init, jax.device_get(init_vars), config.model.name, config.model.num_classes
+      )
+      state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
+  except BaseException:
+    # Stop orbax's background threads first: left running, they log errors at
+    # interpreter exit, after the one-line message main.py prints.
+    ckpts.close()
+    raise
   del init_vars
   start = int(jax.device_get(state.step))
 
