@@ -2,9 +2,9 @@
 procedural scenes (cgrseg_jax.data.synthetic) with the CSFCN recipe of
 configs/cityscapes_csfcn.py: SGD + WarmupPolyLR, OHEM, flip / side scale / pad-crop
 / blur / ColorJitter. Sized for a 2-core CPU: 5 classes, 128x128 crops, batch 8,
-1200 steps. Measured on the idle 2-core machine (2026-11-22): val mIoU 0.40 /
-0.72 / 0.76 / 0.79 / 0.84 / 0.85 at steps 200 / 400 / 600 / 800 / 1000 / 1200,
-0.84 after 6:01 and done after 7:10 (wall time, compiles included).
+1200 steps. Measured on the idle 2-core machine (2026-11-22): val mIoU 0.43 /
+0.72 / 0.75 / 0.80 / 0.83 / 0.85 at steps 200 / 400 / 600 / 800 / 1000 / 1200,
+0.83 after 5:43 and done after 6:52 (wall time, compiles included).
 
 Changed for the size: lr 0.02 (from scratch, short schedule) with 50 warmup
 steps; OHEM min_kept scaled with the pixels per batch: upstream keeps at least
