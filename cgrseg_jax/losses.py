@@ -44,9 +44,10 @@ def segmentation_loss(stride8_logits, labels, ignore_index: int = IGNORE_INDEX):
   logits, 8x512x512x150 floats for an ADE20K batch, are never written to
   memory, and the gradient is computed in the same pass (3x faster than
   resize + cross-entropy + autodiff on a CPU, where the full-size passes are
-  bound by memory bandwidth). Same arithmetic per pixel; other shapes take
-  the plain path."""
-  plan = _band_plan(stride8_logits.shape, labels.shape)
+  bound by memory bandwidth). Same arithmetic per pixel. Other shapes, and
+  GPU/TPU (where a loop of small bands would only add launches), take the
+  plain path."""
+  plan = _band_plan(stride8_logits.shape, labels.shape) if jax.default_backend() == 'cpu' else None
   if plan is None:
     logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3])
     return cross_entropy(logits, labels, ignore_index)
