@@ -128,6 +128,9 @@ DEPTHWISE_CASES = [
   ((2, 5), 2, (1, 2), (7, 11)),
   ((5, 3), 3, (2, 0), (11, 7)),
   ((1, 1), 1, (0, 0), (4, 5)),
+  # taller than one group of rows of the kernel gradient's first pass, with a partial last group
+  ((3, 3), 1, (1, 1), (37, 5)),
+  ((3, 3), 2, (1, 1), (35, 4)),
 ]
 
 
