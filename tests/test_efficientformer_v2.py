@@ -3,6 +3,8 @@
 import itertools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,18 @@ def test_drop_path_rates_match_reference(name, arch, rate):
   assert len(got) == len(want)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+def test_add_to_every_sample_gradients_match_torch():
+  """The attention bias is added to every sample; its gradient (a hand-written
+  sum over the batch) against torch autograd."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((5, 3, 4, 6)).astype(np.float32)
+  bias = rng.standard_normal((3, 4, 6)).astype(np.float32)
+  r = rng.standard_normal(x.shape).astype(np.float32)
+  xt, bt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(bias).requires_grad_(True)
+  ((xt + bt[None]) * torch.from_numpy(r)).sum().backward()
+  value, grads = jax.value_and_grad(lambda a, b: jnp.sum(ef.add_to_every_sample(a, b) * r), argnums=(0, 1))(x, bias)
+  np.testing.assert_allclose(value, float(((xt + bt[None]) * torch.from_numpy(r)).sum()), rtol=1e-5)
+  np.testing.assert_allclose(grads[0], xt.grad.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(grads[1], bt.grad.numpy(), rtol=1e-5, atol=1e-6)
