@@ -99,4 +99,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from cgrseg_jax import host_memory
+
+  host_memory.reexec_with_huge_pages()  # 17% faster CPU training steps, see host_memory.py
   app.run(main)

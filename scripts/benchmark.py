@@ -30,6 +30,9 @@ process, PyTorch's OpenMP workers spin while XLA's pool runs and the two fight
 over the cores (the old single-process run spent a third of its CPU time in the
 kernel). Every timing runs `--warmup` untimed calls, then `--reps` timed ones,
 each ending in `block_until_ready` (JAX) or a synchronised result (PyTorch);
+the JAX worker runs with glibc's huge-page tunable, as `main.py` does
+(`cgrseg_jax/host_memory.py`), PyTorch with the caller's environment (the JSON's
+`glibc_tunables` says which);
 the median is reported with min/max and the relative spread (max-min)/median.
 `--compare-torch` also runs `torch.compile` (`--no-torch-compile` skips it; a
 failure is reported, not fatal). The JSON (`--output`) has `params`, `gmacs`,
@@ -59,6 +62,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from cgrseg_jax import host_memory
 
 PAPER = {
   't': dict(gflops=4.0, params_m=9.4, img_per_s=138.4),
@@ -652,6 +657,8 @@ def table(result: dict) -> str:
     + f'; {result["host"]}',
     f'median of {result["reps"]} after {result["warmup"]} warm-up; (spread) = (max-min)/median; '
     '[%] = fraction of peak (train = 3 forwards)',
+    'GLIBC_TUNABLES: '
+    + '; '.join(f'{side} {v or "(none)"}' for side, v in (result.get('glibc_tunables') or {}).items()),
     ''.ljust(width) + ''.join(f'{n:>22}' for n, _ in cols),
   ]
   for name, get, get_timing, frac_key in rows:
@@ -689,11 +696,13 @@ def table(result: dict) -> str:
 
 
 def worker_env(side: str, threads: int) -> dict:
-  """Thread settings of a worker process. PyTorch: `threads` OpenMP/MKL threads
-  (set before import). JAX: XLA's own pool (one thread per core) and no OpenMP."""
+  """Environment of a worker process. PyTorch: `threads` OpenMP/MKL threads
+  (set before import) and the caller's environment otherwise. JAX: XLA's own
+  pool (one thread per core), no OpenMP, and huge pages for XLA's temporaries
+  as `main.py` runs (`host_memory`)."""
   env = dict(os.environ)
   env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads if side != 'jax' else 1)
-  return env
+  return host_memory.with_huge_pages(env) if side == 'jax' else env
 
 
 def run_worker(args, side: str, log) -> dict:
@@ -811,6 +820,9 @@ def main(argv=None) -> int:
     threads=args.threads,
     paper=PAPER.get(variant),
   )
+  result['glibc_tunables'] = {
+    side: worker_env(side, args.threads).get('GLIBC_TUNABLES', '') for side in ('jax', 'torch')
+  }
   result['jax'] = spawn('jax', worker_argv, args, log)
   if 'error' in result['jax']:
     log(result['jax']['error'])
