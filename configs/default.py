@@ -145,3 +145,17 @@ def get_config(dataset: str = 'ade20k'):
   c.eval.tta.scales = ()  # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75
   c.eval.tta.flip = False  # add flipped views (softmax maps averaged)
   return c
+
+
+def cpu_demo_data(c, num_classes: int = 5):
+  """The CPU demos' synthetic data (configs/synthetic_*.py): `num_classes`
+  classes, 4000 train and 100 val scenes of 128x160 (tested at that size),
+  loaded in-process."""
+  c.data.synthetic.num_classes = num_classes
+  c.data.synthetic.num_train = 4000
+  c.data.synthetic.num_val = 100
+  c.data.synthetic.image_size = (128, 160)
+  c.data.img_scale = (160, 128)
+  c.data.workers = 0
+  c.model.num_classes = num_classes
+  return c

@@ -15,19 +15,12 @@ from configs import cityscapes_csfcn, default
 
 
 def get_config():
-  c = default.get_config('synthetic')
-  c.data.synthetic.num_classes = 5
-  c.data.synthetic.num_train = 4000
-  c.data.synthetic.num_val = 100
-  c.data.synthetic.image_size = (128, 160)
-  c.data.img_scale = (160, 128)
-  c.data.workers = 0
+  c = default.cpu_demo_data(default.get_config('synthetic'))
   cityscapes_csfcn.csfcn_recipe(c, crop_hw=(128, 128), lr=0.02, batch_size=8, total_steps=1200, warmup_steps=50)
   c.data.train_pipeline = cityscapes_csfcn.train_pipeline(
     size_range=(96, 192), side='short', round_half_up=False, crop_hw=(128, 128), jitter=(0.3, 0.3, 0.3, 0.0)
   )
   c.ohem.min_kept = 1_150
-  c.model.num_classes = 5
   c.eval_batch_size = 10
   c.log_every = 10
   c.eval_every = 200

@@ -13,17 +13,10 @@ from cgrseg_jax.data import transforms
 
 
 def get_config():
-  c = default.get_config('synthetic')
-  c.data.synthetic.num_classes = 5
-  c.data.synthetic.num_train = 4000
-  c.data.synthetic.num_val = 100
-  c.data.synthetic.image_size = (128, 160)
-  c.data.img_scale = (160, 128)
+  c = default.cpu_demo_data(default.get_config('synthetic'))
   c.data.train_pipeline = transforms.default_train_pipeline(ratio_range=(0.75, 1.5))
   c.data.crop_size = (128, 128)
-  c.data.workers = 0
   c.model.name = 'cgrseg_t'
-  c.model.num_classes = 5
   c.batch_size = 8
   c.eval_batch_size = 10
   c.total_steps = 750
