@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Two workers: XLA compiles are mostly single-threaded, so they overlap well.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test lint format demo parity clean
+.PHONY: setup test test-unit lint format demo parity clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+
+# The fast subset: the tests of single modules (tests/unit), no whole runs or subprocesses.
+test-unit: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests/unit
 
 # The main job on the built-in synthetic dataset; run it again to resume.
 WORKDIR ?= runs/demo

@@ -33,10 +33,11 @@ import os
 import shutil
 from typing import Any, Mapping, Optional
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-
+from jax.experimental import multihost_utils
 from cgrseg_jax import errors
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,6 @@ def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.Ch
 
 
 def _restore_args(abstract_state: Any, data_iterator: Any):
-  import grain
-
   return ocp.args.Composite(
     state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
   )
@@ -85,8 +84,6 @@ def _all_processes_agree(ok: bool) -> bool:
   """True iff `ok` on every process (a no-op with one process)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
-
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
@@ -218,8 +215,6 @@ class RunCheckpoints:
           f.write(reason + '\n')
         log.warning('moved damaged checkpoint %s to %s (kept for inspection)', src, dst)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       multihost_utils.sync_global_devices('cgrseg_quarantine_damaged_checkpoints')
     self.manager.reload()
 
@@ -233,8 +228,6 @@ class RunCheckpoints:
     Raises CheckpointError if this save, or the previous one still being
     written, fails for lack of space or permission.
     """
-    import grain
-
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
     nbytes = state_nbytes(state)
     with self._disk_errors(step, nbytes):

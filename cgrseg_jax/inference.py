@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cgrseg_jax import testtime
-from cgrseg_jax.data import classes as class_lists
+from cgrseg_jax import errors, loader, testtime
 from cgrseg_jax.data import datasets
+from cgrseg_jax.data.buckets import bucket_for
 from cgrseg_jax.data.pipeline import normalize_image
+from cgrseg_jax.data.transforms import size_to_multiple
+from cgrseg_jax.models import registry
 from cgrseg_jax.testtime import TTA, InferenceError
 
 
@@ -54,9 +56,10 @@ class Segmenter:
   """CGRSeg inference with the mmseg test pipeline.
 
   Args:
-    model: a ``CGRSegModel`` (``build_segmentor``).
+    model: a registered model (``models.build_model``).
     variables: its ``{'params', 'batch_stats'}``.
-    dataset: names the classes, palette and default ``img_scale``.
+    dataset: a registered dataset (``data/datasets.py``): its classes, palette
+      and ``img_scale`` are the defaults.
     img_scale: keep-ratio test scale; default the dataset's mmseg scale.
       Tests use small scales (e.g. ``(256, 64)``) to keep images small.
     size_divisor: mmseg's test padding multiple (32).
@@ -67,7 +70,8 @@ class Segmenter:
     buckets: explicit (H, W) input shapes; an image goes to the smallest one
       (by area) that holds its padded size, else to its own padded size.
     mode: 'whole' (upstream CGRSeg) or 'slide'.
-    crop_size, stride: slide windows (mmseg ``test_cfg``).
+    crop_size, stride: slide windows (mmseg ``test_cfg``; ``config.eval.crop_size``
+      and ``.stride`` in a run); needed for slide inference.
     batch_size: images per forward in ``predict_batch`` (short batches are
       filled with blank images so the bucket's compilation is reused).
     canvas_multiple: output canvases are the original size rounded up to this.
@@ -84,8 +88,8 @@ class Segmenter:
     bucket_multiple: Optional[int] = None,
     buckets: Optional[Sequence[Sequence[int]]] = None,
     mode: str = 'whole',
-    crop_size: Sequence[int] = (512, 512),
-    stride: Sequence[int] = (341, 341),
+    crop_size: Optional[Sequence[int]] = None,
+    stride: Optional[Sequence[int]] = None,
     batch_size: int = 1,
     canvas_multiple: int = 64,
     class_names: Optional[Sequence[str]] = None,
@@ -99,8 +103,11 @@ class Segmenter:
       num_classes = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), self.variables, x).shape[-1]
     self.num_classes = int(num_classes)
     self.dataset = dataset
-    known = datasets.DATASETS.get(dataset.lower())  # mmseg's keep-ratio test scale of the dataset
-    self.img_scale = tuple(int(s) for s in (img_scale or (known.img_scale if known else (2048, 512))))
+    try:
+      info = datasets.for_model(dataset, self.num_classes)
+    except errors.ConfigError as e:
+      raise InferenceError(f'dataset={dataset!r}: {e}') from None
+    self.img_scale = tuple(int(s) for s in (img_scale or info.img_scale))
     self.size_divisor = int(size_divisor)
     self.bucket_multiple = int(bucket_multiple or size_divisor)
     if self.bucket_multiple % self.size_divisor:
@@ -109,14 +116,16 @@ class Segmenter:
     if mode not in ('whole', 'slide'):
       raise InferenceError(f"mode must be 'whole' or 'slide', got {mode!r}")
     self.mode = mode
-    self.crop_size = tuple(int(v) for v in crop_size)
-    self.stride = tuple(int(v) for v in stride)
+    self.crop_size = tuple(int(v) for v in crop_size) if crop_size is not None else None
+    self.stride = tuple(int(v) for v in stride) if stride is not None else None
+    if mode == 'slide':
+      self._check_slide()
     self.batch_size = int(batch_size)
     self.canvas_multiple = int(canvas_multiple)
-    self.class_names = tuple(class_names) if class_names is not None else self._default_names()
+    self.class_names = tuple(class_names) if class_names is not None else info.class_names
     if len(self.class_names) != self.num_classes:
       raise InferenceError(f'{len(self.class_names)} class names for a model with {self.num_classes} classes')
-    self.palette = np.asarray(palette, np.uint8) if palette is not None else self._default_palette()
+    self.palette = np.asarray(palette if palette is not None else info.palette, np.uint8)
     # What was traced (= compiled) per jitted function; read by tests and tools.
     self.traces: collections.Counter = collections.Counter()
     self._forward = jax.jit(self._forward_impl)
@@ -143,38 +152,20 @@ class Segmenter:
     The model and class count are read off the weights; a given ``model``
     (registered name) or ``variant`` must agree with them.
     """
-    from cgrseg_jax import loader
-    from cgrseg_jax.models import build_model
-
     try:
       loaded = loader.load(path, model=model, variant=variant, kinds=('torch', 'converted', 'workdir', 'step'))
     except loader.LoadError as e:
       raise InferenceError(str(e)) from None
     variables = jax.tree_util.tree_map(jnp.asarray, loaded.variables)
-    model = build_model(loaded.model, loaded.num_classes, dtype=dtype)
+    model = registry.build_model(loaded.model, loaded.num_classes, dtype=dtype)
     return cls(model, variables, dataset=dataset, num_classes=loaded.num_classes, **kwargs)
 
-  def _default_names(self) -> tuple[str, ...]:
-    try:
-      names = class_lists.class_names(self.dataset, self.num_classes)
-    except KeyError:
-      names = ()
-    if len(names) != self.num_classes:  # custom dataset or a class count the dataset lacks
-      return tuple(f'class_{i}' for i in range(self.num_classes))
-    return tuple(names)
-
-  def _default_palette(self) -> np.ndarray:
-    try:
-      pal = class_lists.palette(self.dataset, self.num_classes)
-    except KeyError:
-      pal = np.zeros((0, 3), np.uint8)
-    if len(pal) != self.num_classes:
-      pal = (
-        class_lists.voc_colormap(self.num_classes + 1)[1:]
-        if self.num_classes < 256
-        else np.random.default_rng(0).integers(0, 256, (self.num_classes, 3), dtype=np.uint8)
+  def _check_slide(self):
+    if self.crop_size is None or self.stride is None:
+      raise InferenceError(
+        'slide inference needs crop_size and stride (mmseg test_cfg; a run has them in config.eval.crop_size '
+        'and config.eval.stride)'
       )
-    return pal
 
   # ------------------------------------------------------ jitted functions
 
@@ -208,13 +199,13 @@ class Segmenter:
 
   def bucket_for(self, pad_hw: Sequence[int]) -> tuple[int, int]:
     """The model input shape that serves an image of mmseg padded size ``pad_hw``."""
-    return testtime.bucket_for(pad_hw, self.bucket_multiple, self.buckets)
+    return bucket_for(pad_hw, self.bucket_multiple, self.buckets)
 
   def _prepare(self, image: np.ndarray, scale: Sequence[int], flip: bool) -> _Prepared:
     return _Prepared(*testtime.prepare_view(image, scale, self.size_divisor, flip))
 
   def _canvas(self, orig_hw: Sequence[int]) -> tuple[int, int]:
-    return testtime.round_up(orig_hw, self.canvas_multiple)
+    return size_to_multiple(orig_hw, self.canvas_multiple)
 
   @staticmethod
   def _check_image(image, name: str) -> np.ndarray:
@@ -272,6 +263,8 @@ class Segmenter:
     mode = mode or self.mode
     if mode not in ('whole', 'slide'):
       raise InferenceError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == 'slide':
+      self._check_slide()
     batch_size = int(batch_size or self.batch_size)
     tta = TTA.parse(tta)
     images = [self._check_image(im, f'image {i}') for i, im in enumerate(images)]

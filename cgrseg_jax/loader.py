@@ -14,7 +14,8 @@ Accepted (`load(path)` tells them apart and detects model and class count):
 When a `model` (registered name), `variant` or `num_classes` is given it is
 checked against what the weights hold; errors say what was found and what was
 expected. Every entry point (training's `config.init`, `--mode=eval`,
-`Segmenter.from_checkpoint`, the scripts) loads through here.
+`Segmenter.from_checkpoint`, the scripts) loads through here. `.pth` files are
+read by `torch_files.py`, state dicts converted by `convert.py`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
-from cgrseg_jax import convert, errors
+from cgrseg_jax import convert, errors, torch_files
 from cgrseg_jax.models import registry
+from cgrseg_jax.models.key_layout import LoadReport
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ class Loaded:
   num_classes: Optional[int]
   kind: str
   path: str
-  report: Optional[convert.LoadReport] = None
+  report: Optional[LoadReport] = None
 
   def describe(self) -> str:
     what = f'{self.model}, {self.num_classes} classes' if self.kind != 'backbone' else f'backbone of {self.model}'
@@ -124,7 +127,7 @@ def _load_torch(path: str, kinds, model, variant) -> Loaded:
 
 def _read_torch(path: str) -> dict:
   try:
-    return convert.read_torch_file(path)
+    return torch_files.read_state_dict(path)
   except errors.ConversionError as e:
     raise LoadError(str(e)) from None
 
@@ -132,8 +135,6 @@ def _read_torch(path: str) -> dict:
 def _load_directory(path: str, kinds) -> Loaded:
   meta_path = os.path.join(path, META_FILE)
   if os.path.exists(meta_path) and 'converted' in kinds:
-    import orbax.checkpoint as ocp
-
     with open(meta_path) as f:
       meta = json.load(f)
     name, k = meta['model'], int(meta['num_classes'])
@@ -165,8 +166,6 @@ def _find_step(path: str) -> tuple[Optional[str], str]:
 
 
 def _restore_state(step_dir: str) -> dict:
-  import orbax.checkpoint as ocp
-
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.path.join(os.path.abspath(step_dir), 'state'))
   try:
@@ -208,8 +207,6 @@ def _host(variables) -> dict:
 def save_converted(directory: str, variables: Mapping[str, Any], model: str, num_classes: int, source: str = ''):
   """Write variables as an orbax item `variables/` plus `model.json` (model
   name, classes, source): the `converted` format `load` reads."""
-  import orbax.checkpoint as ocp
-
   directory = os.path.abspath(directory)
   tree = {c: variables[c] for c in ('params', 'batch_stats')}
   with ocp.StandardCheckpointer() as ckptr:

@@ -1,9 +1,10 @@
-"""The decode-head loss of mmseg 0.27 (`CrossEntropyLoss`, `avg_non_ignore=False`).
+"""The decode-head losses: mmseg 0.27's (`CrossEntropyLoss`, `avg_non_ignore=False`) and CSFCN's OHEM.
 
 mmseg's `BaseDecodeHead.losses` resizes the stride-8 logits bilinearly
 (align_corners False) to the label size, takes per-pixel cross-entropy with
-`ignore_index=255` (ignored pixels contribute 0) and averages over ALL pixels
-of the batch, ignored ones included. With `loss_weight=1.0` that is the loss.
+the dataset's ignore index (255; ignored pixels contribute 0) and averages
+over ALL pixels of the batch, ignored ones included. With `loss_weight=1.0`
+that is the loss. `LOSSES` names them for `config.loss` (or the family's recipe).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgrseg_jax import errors
+from cgrseg_jax.data.datasets import IGNORE_INDEX
 from cgrseg_jax.models import resize
-
-IGNORE_INDEX = 255
 
 
 def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
@@ -207,16 +208,22 @@ def _to_labels(logits, labels):
   return logits if logits.shape[1:3] == labels.shape[1:3] else resize.resize_bilinear(logits, labels.shape[1:3])
 
 
-def build_loss(name: str, config):
-  """config.loss (default: the model family's recipe) -> loss(logits at any stride, labels).
-  'cross_entropy': mmseg's decode-head loss; 'ohem': `ohem_cross_entropy` with
-  `config.ohem.thresh / min_kept`."""
-  if name == 'cross_entropy':
-    return segmentation_loss
-  if name == 'ohem':
-    thresh, min_kept = float(config.ohem.thresh), int(config.ohem.min_kept)
-    return lambda logits, labels: ohem_cross_entropy(_to_labels(logits, labels), labels, thresh, min_kept)
-  raise ValueError(f'config.loss={name!r}; expected one of {sorted(LOSSES)}')
+def _ohem(config, ignore_index: int):
+  thresh, min_kept = float(config.ohem.thresh), int(config.ohem.min_kept)
+  return lambda logits, labels: ohem_cross_entropy(_to_labels(logits, labels), labels, thresh, min_kept, ignore_index)
 
 
-LOSSES = ('cross_entropy', 'ohem')
+# config.loss -> builder(config, ignore_index) -> loss(logits at any stride, labels).
+LOSSES = {
+  'cross_entropy': lambda config, ignore_index: functools.partial(segmentation_loss, ignore_index=ignore_index),
+  'ohem': _ohem,
+}
+
+
+def build_loss(name: str, config, ignore_index: int):
+  """config.loss (default: the model family's recipe) -> loss(logits at any stride, labels),
+  with the dataset's `ignore_index`. 'cross_entropy': mmseg's decode-head loss;
+  'ohem': `ohem_cross_entropy` with `config.ohem.thresh / min_kept`."""
+  if name not in LOSSES:
+    raise errors.ConfigError(f'config.loss={name!r}; expected one of {sorted(LOSSES)}')
+  return LOSSES[name](config, ignore_index)

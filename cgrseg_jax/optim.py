@@ -29,12 +29,6 @@ import optax
 
 from cgrseg_jax.models import registry
 
-# upstream local_configs/cgrseg/cgrseg-*_ade20k_160k.py
-UPSTREAM_CUSTOM_KEYS = {
-  'absolute_pos_embed': dict(decay_mult=0.0),
-  'head': dict(lr_mult=10.0),
-  'norm': dict(decay_mult=0.0),
-}
 _ALLOWED_MULTS = ('lr_mult', 'decay_mult')
 
 
@@ -126,7 +120,7 @@ def build_optimizer(
   power: float = 1.0,
   warmup_steps: int = 0,
   warmup_ratio: float = 1e-6,
-  custom_keys: Mapping[str, Mapping[str, float]] = UPSTREAM_CUSTOM_KEYS,
+  custom_keys: Mapping[str, Mapping[str, float]],
   grad_clip: float | None = None,
 ) -> optax.GradientTransformation:
   """The upstream optimizer for `params` (multipliers are static Python floats
@@ -145,7 +139,7 @@ def build_optimizer(
 def build_optimizer_from_config(params: Any, config) -> optax.GradientTransformation:
   """`config.optimizer` + `config.schedule` + `config.total_steps` -> the
   optimizer named by `config.optimizer.name` (default: the model family's)."""
-  name = registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv')
+  name = registry.recipe_value(config, 'optimizer.name')
   if name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name={name!r}; expected one of {sorted(OPTIMIZERS)}')
   return OPTIMIZERS[name](params, config)
@@ -173,7 +167,7 @@ def _adamw_mmcv(params: Any, config) -> optax.GradientTransformation:
 def learning_rate(config, step) -> float:
   """The base (multiplier 1) lr at iteration `step`, for logging."""
   s = config.schedule
-  if registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv') == 'sgd':
+  if registry.recipe_value(config, 'optimizer.name') == 'sgd':
     return float(
       warmup_poly_lr(step, config.optimizer.lr, config.total_steps, s.warmup_steps, s.warmup_factor, s.power)
     )

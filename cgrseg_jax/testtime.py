@@ -1,18 +1,16 @@
 """The mmseg 0.27 test-time pipeline, once (SPEC §7), for every evaluator and for `Segmenter`.
 
-1. keep-ratio resize to `img_scale` (`resize`; OpenCV bilinear, mmcv's size rule);
+1. keep-ratio resize to `img_scale` (`data.transforms.resize_image`; OpenCV
+   bilinear, mmcv's size rule), optionally flipped (`prepare_view`);
 2. pad right/bottom to a multiple of `size_divisor` (mmseg), then possibly to a
-   coarser *bucket* (`bucket_for`, `plan_multiple`) so fewer shapes compile;
+   coarser *bucket* (`data/buckets.py`) so fewer shapes compile;
 3. normalise on the device (`data.pipeline.normalize_image`, padding exactly 0);
 4. whole-image forward, or slide windows (`slide_windows`, `slide_logits`);
 5. crop the logits to the resized size and resize them bilinearly to the
    original size (`crop_and_resize`, sizes traced so one compile serves a bucket);
-   multi-scale/flip TTA (`TTA`) averages softmax maps of every view;
-6. mmseg's per-class areas (`area_counts`) for the metric.
+   multi-scale/flip TTA (`TTA`) averages softmax maps of every view.
 
-Extra padding beyond mmseg's multiple of 32 is not numerically neutral for a
-model with global pooling/attention: a bucket multiple of `size_divisor` keeps
-upstream numerics exactly.
+The metric's per-class areas are `evaluation/metric.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import numpy as np
 from cgrseg_jax import errors
 from cgrseg_jax.data import transforms as T
 
-IGNORE_INDEX = 255
 DEFAULT_TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
@@ -34,34 +31,7 @@ class InferenceError(errors.UserError, ValueError):
   """Bad input or option of the test-time pipeline; the message names the file or value."""
 
 
-# ----------------------------------------------------------------- geometry
-
-round_up = T.size_to_multiple
-
-
-def resize(image: np.ndarray, img_scale: Sequence[int]) -> np.ndarray:
-  """mmseg's test Resize (keep ratio) of an image (any channel order)."""
-  return T.resize_keep_ratio({'image': image}, img_scale, resize_label=False)['image']
-
-
-def bucket_for(pad_hw: Sequence[int], multiple: int, buckets: Sequence[Sequence[int]] = ()) -> tuple[int, int]:
-  """The model input shape of an image whose mmseg padded size is `pad_hw`: the
-  smallest explicit bucket (by area) that holds it, else `pad_hw` rounded up
-  to `multiple`."""
-  for b in sorted((tuple(int(v) for v in b) for b in buckets), key=lambda b: (b[0] * b[1], b)):
-    if b[0] >= pad_hw[0] and b[1] >= pad_hw[1]:
-      return b
-  return round_up(pad_hw, multiple)
-
-
-def plan_multiple(sizes: Sequence[Sequence[Sequence[int]]], size_divisor: int, max_buckets: Optional[int]) -> int:
-  """The bucket multiple for a known set of images: `size_divisor` doubled until
-  the tuples of sizes in `sizes` (e.g. (resized, original) per image) round to
-  at most `max_buckets` distinct shapes (`None`: no limit, mmseg's padding)."""
-  step = size_divisor
-  while max_buckets is not None and len({tuple(round_up(s, step) for s in item) for item in sizes}) > max_buckets:
-    step *= 2
-  return step
+# ----------------------------------------------------------------- views
 
 
 def scaled_img_scale(img_scale: Sequence[int], ratio: float) -> tuple[int, int]:
@@ -166,45 +136,19 @@ def crop_and_resize(logits, valid_hw, orig_hw, canvas: Sequence[int], flip=None)
   return rows[:, j0] * b0[None, :, None] + rows[:, j1] * b1[None, :, None]
 
 
-def area_counts(pred, label, num_classes: int, ignore_index: int = IGNORE_INDEX):
-  """(4, K) int32: intersection, union, prediction and label areas (mmseg
-  `intersect_and_union`). Pixels labelled `ignore_index` are dropped; ids
-  outside [0, K) are counted nowhere (as mmseg's `histc` drops them)."""
-  pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
-  label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
-  valid = label != ignore_index
-  k = num_classes
-
-  # Out-of-range ids go to the overflow bin k, which is dropped.
-  def hist(ids, mask):
-    ids = jnp.where(mask & (ids >= 0) & (ids < k), ids, k)
-    return jnp.zeros((k + 1,), jnp.int32).at[ids].add(1)[:k]
-
-  area_pred = hist(pred, valid)
-  area_label = hist(label, valid)
-  area_inter = hist(label, valid & (pred == label))
-  area_union = area_pred + area_label - area_inter
-  return jnp.stack([area_inter, area_union, area_pred, area_label])
-
-
 def prepare_view(image: np.ndarray, img_scale: Sequence[int], size_divisor: int, flip: bool = False):
   """(resized image, resized (h, w), mmseg padded (h, w)) of one test view."""
-  resized = resize(image, img_scale)
+  resized = T.resize_image(image, img_scale)
   if flip:
     resized = np.ascontiguousarray(resized[:, ::-1])
   hw = resized.shape[:2]
-  return resized, (int(hw[0]), int(hw[1])), round_up(hw, size_divisor)
+  return resized, (int(hw[0]), int(hw[1])), T.size_to_multiple(hw, size_divisor)
 
 
 __all__ = [
   'TTA',
-  'area_counts',
-  'bucket_for',
   'crop_and_resize',
-  'plan_multiple',
   'prepare_view',
-  'resize',
-  'round_up',
   'scaled_img_scale',
   'slide_logits',
   'slide_windows',

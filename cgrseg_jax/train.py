@@ -10,7 +10,6 @@ batch (SyncBN) and gradients are global means, with no explicit collectives.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -24,10 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
 
-from cgrseg_jax import batches, checkpointing, evaluate, loader, losses, metric_writer, optim
+from cgrseg_jax import checkpointing, evaluation, loader, losses, metric_writer, optim
+from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
+from cgrseg_jax.evaluation import metric
 from cgrseg_jax.models import registry
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def train_step(state: TrainState, batch, *, model, tx, dtype, method: str = '__call__', loss=losses.segmentation_loss):
+def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss):
   """One optimizer step on the global batch; returns (new state, scalar metrics).
   `method` is the model family's loss logits (`ModelFamily.loss_method`),
   `loss(logits, labels)` resizes them to the labels."""
@@ -107,8 +110,6 @@ class _Preemption:
   def __enter__(self):
     self._previous = signal.signal(signal.SIGTERM, self._handler)
     if jax.process_count() > 1:
-      from jax._src import distributed
-
       self._client = distributed.global_state.client
     return self
 
@@ -144,7 +145,7 @@ def _save_config(config, workdir: str):
 
 def _run_eval(evaluator, variables, writer, step: int) -> dict:
   metrics = evaluator(variables)
-  evaluate.log_metrics(step, metrics)
+  metric.log_metrics(step, metrics)
   writer.write(step, metrics, 'val')
   return metrics
 
@@ -160,7 +161,7 @@ def train_and_evaluate(
   Raises FloatingPointError on a non-finite loss (no checkpoint is written
   after it, so the last good one stays the latest).
   """
-  config = batches.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
+  config = input_pipeline.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
 
@@ -172,12 +173,12 @@ def train_and_evaluate(
   log.info('mesh: %d devices over %d processes; global batch %d', mesh.size, jax.process_count(), config.batch_size)
 
   # ---- data
-  train_it = batches.train_iterator(config)
+  train_it = input_pipeline.train_iterator(config)
 
   # ---- model and optimizer
   model = registry.build_from_config(config)
   family = registry.family_of(config.model.name)
-  evaluator = evaluate.make_evaluator(config, model, mesh)
+  evaluator = evaluation.make_evaluator(config, model, mesh)
   dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
   init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
   tx = optim.build_optimizer_from_config(init_vars['params'], config)
@@ -197,11 +198,11 @@ def train_and_evaluate(
 
   # ---- step
   dtype = registry.DTYPES[config.precision]
-  loss_name = registry.recipe_value(config, 'loss', 'cross_entropy')
+  loss_fn = losses.build_loss(
+    registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index
+  )
   step_fn = jax.jit(
-    functools.partial(
-      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=losses.build_loss(loss_name, config)
-    ),
+    functools.partial(train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=loss_fn),
     in_shardings=(repl, data_sharding),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
@@ -232,8 +233,6 @@ def train_and_evaluate(
   summary = {'status': 'done', 'val': None}
   bar = None
   if config.progress_bar and jax.process_index() == 0 and sys.stderr.isatty():
-    from tqdm import tqdm
-
     bar = tqdm(total=total, initial=start, unit='it', dynamic_ncols=True, smoothing=0.1)
   last_saved = latest
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy

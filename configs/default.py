@@ -12,7 +12,7 @@ loads `batch_size / jax.process_count()` examples per step.
 import ml_collections
 from ml_collections import config_dict
 
-from cgrseg_jax.data import datasets, sources, transforms  # noqa: F401  (sources registers custom/synthetic)
+from cgrseg_jax.data import datasets, transforms
 
 
 def get_config(dataset: str = 'ade20k'):
@@ -31,14 +31,15 @@ def get_config(dataset: str = 'ade20k'):
   c.data.val_split = 'val'
   c.data.img_scale = info.img_scale  # keep-ratio Resize scale, train (base of the random ratio) and test
   c.data.crop_size = info.crop_size  # RandomCrop, then Pad to this size
-  c.data.size_divisor = 32  # test-time padding (PadToMultiple)
-  # Transforms after loading, mmseg style: ('Name', {kwargs}) resolved through
-  # the registry of cgrseg_jax/data/transforms.py (@register). Arguments an
-  # entry leaves out come from the fields above (img_scale, crop_size,
-  # size_divisor) or the dataset (ignore_index); reduce_zero_label is added
-  # from the dataset; normalisation runs on the device.
+  # The test pipeline is mmseg's, fixed: keep-ratio resize to img_scale, pad to
+  # a multiple of size_divisor (then to a bucket, eval_max_buckets), normalise.
+  c.data.size_divisor = 32
+  # Training transforms after loading, mmseg style: ('Name', {kwargs}) resolved
+  # through the registry of cgrseg_jax/data/transforms.py (@register). Arguments
+  # an entry leaves out come from the fields above (img_scale, crop_size) or the
+  # dataset (ignore_index); reduce_zero_label is added from the dataset;
+  # normalisation runs on the device.
   c.data.train_pipeline = transforms.DEFAULT_TRAIN_PIPELINE
-  c.data.test_pipeline = transforms.DEFAULT_TEST_PIPELINE
   c.data.workers = 4  # grain worker processes per host (0 = in-process)
   c.data.prefetch = 2  # batches buffered per worker
   c.data.eval_max_images = config_dict.placeholder(int)  # evaluate on the first N val images only
@@ -134,12 +135,12 @@ def get_config(dataset: str = 'ade20k'):
   c.progress_bar = True
 
   # ---- evaluation (training-time and --mode=eval): the evaluator plugin
-  # (evaluate.EVALUATORS): 'auto' = 'segmenter' (evaluate_tta.py) when TTA or
-  # slide is set below, else 'bucketed' (evaluate.py, whole image, no TTA).
+  # (evaluation.EVALUATORS): 'auto' = 'segmenter' (evaluation/segmenter.py) when
+  # TTA or slide is set below, else 'bucketed' (evaluation/bucketed.py, whole image).
   c.eval = ml_collections.ConfigDict()
   c.eval.evaluator = 'auto'
   c.eval.mode = 'whole'  # or 'slide' (mmseg slide_inference)
-  c.eval.crop_size = (512, 512)  # slide window
+  c.eval.crop_size = (512, 512)  # slide window (mmseg test_cfg; scripts/predict.py's default too)
   c.eval.stride = (341, 341)  # slide step
   c.eval.tta = ml_collections.ConfigDict()
   c.eval.tta.scales = ()  # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75

@@ -12,16 +12,18 @@
 Measured at the config's crop size (`--size` overrides), random weights:
 
 * parameters; multiply-adds of every conv and matmul (attention included,
-  pooling written as a matmul not; `count_macs`), counted on the traced program,
-  and XLA's cost-analysis FLOPs;
+  pooling written as a matmul not; `cgrseg_jax.cost.count_macs`), counted on
+  the traced program, and XLA's cost-analysis FLOPs;
 * JAX: compile time, eval latency (batch 1) and throughput (each batch size)
   of the jitted eval forward (`model.apply(..., train=False)`, normalised
   input, logits at the input size) in float32 and bfloat16; the training step
   (`cgrseg_jax.train.train_step`: forward, the family's loss and optimizer) at
   `--train-batch`; peak device memory where the backend reports it;
 * `--compare-torch`: the same for the family's PyTorch reference (`cgrseg_jax/torch_reference/`) on the same
-  inputs in the same run (eager; `--torch-compile` adds `torch.compile`),
-  and the ratios JAX speed / PyTorch speed.
+  inputs in the same run (eager; `--torch-compile` adds `torch.compile`), its
+  training step the same recipe from the same config fields
+  (`cgrseg_jax/torch_reference/training.py`: optimizer with its parameter
+  groups and lr schedule, loss, ignore index), and the ratios JAX speed / PyTorch speed.
 
 Each framework runs in its own subprocess (`--worker`), one after the other,
 with explicit thread settings (`--threads`, default: all cores, for PyTorch's
@@ -36,8 +38,8 @@ the JAX worker runs with glibc's huge-page tunable, as `main.py` does
 the median is reported with min/max and the relative spread (max-min)/median.
 `--compare-torch` also runs `torch.compile` (`--no-torch-compile` skips it; a
 failure is reported, not fatal). The JSON (`--output`) has `params`, `gmacs`,
-`input`, `device`, `peak_gflops` (on CPU at least `matmul_gflops`, a measured
-float32 matmul), `jax` / `torch` / `torch_compile` sections
+`input`, `device`, `peak_gflops` (`cgrseg_jax.cost.peak_gflops`; on CPU at
+least `matmul_gflops`, a measured float32 matmul), `jax` / `torch` / `torch_compile` sections
 (`compile_s`, `eval_latency_ms_bs1`, `eval_img_per_s` by batch size,
 `train_step_s`, `train_img_per_s`, `peak_memory_bytes`, `fraction_of_peak`)
 and `ratio` (`eval_bs1`, `eval_bs8`, `train`: JAX speed / PyTorch eager speed).
@@ -48,22 +50,28 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import gzip
 import glob
-import importlib.util
+import gzip
+import importlib
 import json
-import math
 import os
 import platform
 import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from cgrseg_jax import host_memory
+from cgrseg_jax import config_files, cost, host_memory, losses, optim, train
+from cgrseg_jax.data import input_pipeline
+from cgrseg_jax.data.transforms import MEAN_RGB, STD_RGB
+from cgrseg_jax.models import registry
 
 PAPER = {
   't': dict(gflops=4.0, params_m=9.4, img_per_s=138.4),
@@ -102,114 +110,29 @@ def report_train(out: dict, timing: dict, bs: int, label: str, log, **extra):
   log(text)
 
 
-def load_config(path: str):
-  from cgrseg_jax import config_files
-
-  return config_files.load(path)
-
-
-# ----------------------------------------------------------------- counting
-
-
-def count_macs(closed_jaxpr) -> int:
-  """Multiply-adds of the convolutions and matmuls (dot_general) of a traced
-  program, nested sub-jaxprs (jit, custom_jvp, ...) included.
-
-  The convention of mmcv's get_flops / fvcore (both count multiply-adds): a conv
-  is out_h*out_w*out_c * in_c/groups*kh*kw, a matmul its output size times the
-  contracted size; elementwise work, pooling, bilinear resizing, grid sampling
-  and PixelShuffle count nothing. Two differences from a plain sum over equations:
-  - a matmul with a trace-time constant operand is resampling written as a
-    matmul (`resize.adaptive_avg_pool`'s averaging matrices: CSFCN's pyramid
-    pooling, CGRSeg's pyramid context), i.e. pooling: not counted;
-  - a scan body counts `length` times, a cond its costliest branch (a while body once).
-  Attention matmuls (activation x activation) are counted, as fvcore does and
-  mmcv (hooks on conv / linear modules only) does not: CGRSeg-T at 512x512 is
-  4.53 G here, 3.95 G of convs and 0.58 G of attention; the paper's 4.0 is
-  mmcv's count (the convs, plus the small per-element terms mmcv adds for norms
-  and activations). CSFCN at 720x960 is 50.35 G, 19.1 G of it the deep stem's
-  two full-width 3x3 convs at stride 2 (a 7x7-stem ResNet-18 would be ~25 G).
-  """
-  jaxpr = closed_jaxpr.jaxpr
-  return _macs(jaxpr, [False] * len(jaxpr.invars))
-
-
-def _macs(jaxpr, const_in) -> int:
-  """`count_macs` of one jaxpr, given which of its inputs are trace-time constants."""
-  from jax.extend import core
-
-  const = set(jaxpr.constvars) | {v for v, c in zip(jaxpr.invars, const_in) if c}
-  total = 0
-  for eqn in jaxpr.eqns:
-    in_const = [isinstance(v, core.Literal) or v in const for v in eqn.invars]
-    if all(in_const):  # computed from constants only (a table built at trace time): XLA folds it
-      const.update(eqn.outvars)
-      continue
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      rhs = eqn.invars[1].aval.shape
-      spec = eqn.params['dimension_numbers'].rhs_spec  # (out feat, in feat per group, spatial...)
-      total += math.prod(eqn.outvars[0].aval.shape) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
-    elif name == 'dot_general' and not any(in_const[:2]):
-      (contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
-    elif name == 'cond':  # operand 0 picks the branch, the rest are the branches' inputs
-      total += max(_macs(b.jaxpr, in_const[1:]) for b in eqn.params['branches'])
-      continue
-    for sub in _sub_jaxprs(eqn):
-      # jit / custom_jvp / remat pass their operands through in order; loops carry state.
-      wired = name not in ('scan', 'while') and len(sub.invars) == len(eqn.invars)
-      times = eqn.params['length'] if name == 'scan' else 1
-      total += times * _macs(sub, in_const if wired else [False] * len(sub.invars))
-  return total
-
-
-def _sub_jaxprs(eqn):
-  from jax.extend import core
-
-  for value in eqn.params.values():
-    for sub in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(sub, core.ClosedJaxpr):
-        yield sub.jaxpr
-      elif isinstance(sub, core.Jaxpr):
-        yield sub
-
-
-def model_macs(name: str, num_classes: int, variables, x) -> int:
-  """`count_macs` of the registered model's eval forward on `x` (its whole batch)."""
-  import jax
-  from cgrseg_jax.models import registry
-
-  # Depthwise convs may run as shifted sums; trace them as convolutions to count their multiply-adds.
-  xla = {'depthwise': 'xla'} if 'depthwise' in registry.family_of(name).build_options else {}
-  model = registry.build_model(name, num_classes, **xla)
-  return count_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x))
-
-
-def xla_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  """Best float32 GFLOP/s of a jitted n x n x n matmul on JAX's default device
+  (the CPU's achievable rate, `cost.peak_gflops`'s floor)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  mm = jax.jit(jnp.dot).lower(a, a).compile()
+  return 2 * n**3 / measure(lambda: mm(a, a).block_until_ready(), 1, reps)['min_s'] / 1e9
 
 
 def peak_memory():
-  import jax
-
+  """Peak device memory of this process where the backend reports it, else None."""
   stats = jax.devices()[0].memory_stats()
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
+
+
+def peak_rss() -> int:
+  """Peak resident memory of this process (the worker: one framework only)."""
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # --------------------------------------------------------------------- JAX
 
 
 def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
-  import jax
-  import jax.numpy as jnp
-  from cgrseg_jax import losses, optim, train
-  from cgrseg_jax.models import registry
-
   out: dict = {}
   build = functools.partial(registry.build_model, name, num_classes)
   model32 = build()
@@ -229,8 +152,8 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
       compile_s = time.perf_counter() - t
       if bs == args.batch_sizes[0] and dtype_name == 'float32':
         out['compile_s'] = compile_s
-        out['gmacs'] = model_macs(name, num_classes, variables, x) / bs / 1e9
-        flops = xla_flops(compiled)
+        out['gmacs'] = cost.model_macs(name, num_classes, variables, x) / bs / 1e9
+        flops = cost.xla_flops(compiled)
         out['gflops_xla'] = flops / bs / 1e9 if flops else None
       timing = measure(lambda: compiled(variables, x).block_until_ready(), args.warmup, args.reps)
       timing.update(compile_s=compile_s, img_per_s=bs / timing['median_s'])
@@ -266,7 +189,9 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
         tx=tx,
         dtype=model.dtype,
         method=registry.family_of(config.model.name).loss_method,
-        loss=losses.build_loss(registry.recipe_value(config, 'loss', 'cross_entropy'), config),
+        loss=losses.build_loss(
+          registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index
+        ),
       ),
       donate_argnums=(0,),
     )
@@ -293,7 +218,7 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
       train_compile_s=train_compile,
     )
   out['peak_memory_bytes'] = peak_memory() or peak_rss()
-  out['device'] = device_name(jax.devices()[0].platform, str(jax.devices()[0].device_kind))
+  out['device'] = cost.device_name(jax.devices()[0].platform, str(jax.devices()[0].device_kind))
   out['platform'] = jax.devices()[0].platform
   out['host'] = f'{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {out["platform"]}'
   if out['platform'] == 'cpu':
@@ -307,8 +232,6 @@ def bench_jax(args, name, num_classes, hw, config, data, log) -> dict:
 def profile_jax(model, variables, x, top: int, log) -> dict:
   """Per-XLA-op device time of the eval forward (jax.profiler), grouped by the
   model module each op comes from (its op_name metadata)."""
-  import jax
-
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
   compiled = fwd.lower(variables, x).compile()
   origin = {}
@@ -362,29 +285,10 @@ def profile_jax(model, variables, x, top: int, log) -> dict:
 # ----------------------------------------------------------------- PyTorch
 
 
-def torch_ohem_cross_entropy(logits, label, thresh: float, min_kept: int, ignore: int = 255):
-  """Upstream CSFCN's OHEM loss, restated in PyTorch for the speed comparison."""
-  import torch
-
-  label = label.reshape(-1)
-  valid = label != ignore
-  prob = torch.softmax(logits.detach(), 1).permute(1, 0, 2, 3).reshape(logits.shape[1], -1)
-  prob = prob.gather(0, torch.where(valid, label, 0)[None])[0].masked_fill(~valid, 1.0)
-  keep = valid
-  if min_kept <= int(valid.sum()) and min_kept > 0:
-    kth = prob.sort()[0][min(label.numel(), min_kept) - 1]
-    keep = valid & (prob <= max(thresh, float(kth)))
-  target = torch.where(keep, label, ignore).reshape(logits.shape[0], *logits.shape[2:])
-  return torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore)
-
-
 def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bool) -> dict:
-  import importlib
+  import torch  # the optional torch extra
 
-  import torch
-  import torch.nn.functional as F
-
-  from cgrseg_jax.models import registry
+  from cgrseg_jax.torch_reference import training  # needs torch
 
   family = registry.family_of(name)
   torch.set_num_threads(args.threads)
@@ -422,42 +326,15 @@ def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bo
 
   if not args.skip_train:
     bs = args.train_batch
-    tm.train()
-    head = getattr(tm, family.loss_method) if family.loss_method != '__call__' else tm
-    decode = torch.compile(head) if compile_mode else head
-    # The family's recipe: CGRSeg AdamW + cross-entropy on the stride-8 logits resized to the
-    # labels; CSFCN SGD (1-D params without decay) + OHEM on the full-size logits.
-    sgd = registry.recipe_value(config, 'optimizer.name', 'adamw_mmcv') == 'sgd'
-    ohem = registry.recipe_value(config, 'loss', 'cross_entropy') == 'ohem'
-    if sgd:
-      params = list(tm.parameters())
-      groups = [
-        {'params': [p for p in params if p.ndim > 1]},
-        {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0},
-      ]
-      opt = torch.optim.SGD(
-        groups, lr=config.optimizer.lr, momentum=config.optimizer.momentum, weight_decay=config.optimizer.weight_decay
-      )
-    else:
-      opt = torch.optim.AdamW(tm.parameters(), lr=1.2e-4, betas=(0.9, 0.999), weight_decay=0.01)
+    # The family's recipe from the config (torch_reference/training.py): CGRSeg AdamW with mmcv's
+    # parameter groups + cross-entropy on the stride-8 logits resized to the labels; CSFCN SGD
+    # (1-D params without decay) + OHEM on the full-size logits.
+    step = training.build_train_step(tm, config, torch_compile=compile_mode)
     image = torch.from_numpy(data['image'][:bs]).to(device)
     label = torch.from_numpy(data['label'][:bs].astype(np.int64)).to(device)
-    mean = torch.tensor([123.675, 116.28, 103.53], device=device)
-    std = torch.tensor([58.395, 57.12, 57.375], device=device)
 
     def one():
-      x = ((image.flip(-1).float() - mean) / std).permute(0, 3, 1, 2).contiguous()  # BGR -> RGB, NCHW
-      logits = decode(x)
-      if logits.shape[2:] != label.shape[1:]:
-        logits = F.interpolate(logits, size=label.shape[1:], mode='bilinear', align_corners=False)
-      if ohem:
-        loss = torch_ohem_cross_entropy(logits, label, config.ohem.thresh, config.ohem.min_kept)
-      else:
-        loss = F.cross_entropy(logits, label, ignore_index=255, reduction='sum') / label.numel()
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
-      loss.item()
+      step(image, label).item()
       sync()
 
     t = time.perf_counter()
@@ -466,7 +343,7 @@ def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bo
     what = f'torch{" compiled" if compile_mode else ""} train bs{bs}'
     report_train(out, measure(one, max(args.warmup - 1, 0), args.reps), bs, what, log, train_first_call_s=first)
   out['peak_memory_bytes'] = int(torch.cuda.max_memory_allocated()) if device == 'cuda' else peak_rss()
-  out['device'] = device_name(device, torch.cuda.get_device_name() if device == 'cuda' else '')
+  out['device'] = cost.device_name(device, torch.cuda.get_device_name() if device == 'cuda' else '')
   out['platform'] = device
   out['version'] = torch.__version__
   if args.profile and not compile_mode:
@@ -475,7 +352,7 @@ def bench_torch(args, name, num_classes, hw, config, data, log, compile_mode: bo
 
 
 def profile_torch(tm, data, top: int, device, log) -> list:
-  import torch
+  import torch  # the optional torch extra
 
   tm.eval()
   x = torch.from_numpy(data['x'][:1]).permute(0, 3, 1, 2).contiguous().to(device)
@@ -493,116 +370,6 @@ def profile_torch(tm, data, top: int, device, log) -> list:
 
 
 # ------------------------------------------------------------------- report
-
-
-# Dense peak throughput in TFLOP/s (float32, bfloat16) of known accelerators,
-# from the vendors' data sheets (no sparsity; fp32 without TF32 on NVIDIA). The
-# first matching substring of the device name wins, so list specific names first.
-ACCELERATOR_PEAK_TFLOPS = (
-  ('H200', 67.0, 989.0),
-  ('H100 PCIe', 51.0, 756.0),
-  ('H100', 67.0, 989.0),
-  ('A100', 19.5, 312.0),
-  ('L40S', 91.6, 362.0),
-  ('L4', 30.3, 121.0),
-  ('A10', 31.2, 125.0),
-  ('V100', 15.7, 125.0),
-  ('T4', 8.1, 65.0),
-  ('TPU v6', 918.0, 918.0),  # TPU float32 matmuls run as bf16 passes: the bf16 peak bounds both
-  ('TPU v5p', 459.0, 459.0),
-  ('TPU v5', 197.0, 197.0),
-  ('TPU v4', 275.0, 275.0),
-)
-
-
-def device_name(platform_name: str, kind: str) -> str:
-  """The accelerator's name, or the CPU model with its core count."""
-  if platform_name == 'cpu':
-    model = platform.processor() or platform.machine()
-    try:
-      with open('/proc/cpuinfo') as f:
-        model = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), model)
-    except OSError:
-      pass
-    return f'{model} ({os.cpu_count()} cores)'
-  return kind
-
-
-def cpu_flops_per_cycle(info: str) -> int | None:
-  """float32 FLOPs per cycle and core from /proc/cpuinfo text: two FMA pipes x
-  lanes x 2. 64 with two 512-bit pipes: AVX-512 on AMD Zen 5 (family 26; its
-  mobile parts split 512-bit ops, so this bounds them from above) and on Intel
-  Xeon (most server cores have two AVX-512 FMA units). 32 with two 256-bit pipes:
-  AVX2 cores, Zen 4 (AVX-512 on 256-bit pipes), Intel client AVX-512. 16 without FMA."""
-  flags = re.search(r'^flags\s*:(.*)$', info, re.M)
-  if not flags:
-    return None
-  flags = set(flags.group(1).split())
-  if 'fma' not in flags:
-    return 16
-  family = re.search(r'^cpu family\s*:\s*(\d+)', info, re.M)
-  zen5 = 'AuthenticAMD' in info and family is not None and int(family.group(1)) >= 26
-  xeon = 'GenuineIntel' in info and 'Xeon' in info
-  return 64 if 'avx512f' in flags and (zen5 or xeon) else 32
-
-
-def cpu_peak_gflops(info: str | None = None, cores: int | None = None) -> float | None:
-  """float32 peak of this CPU: cores x clock x `cpu_flops_per_cycle`. The clock is
-  /proc/cpuinfo's, which in a VM is the nominal one: cores boosting above it go
-  faster (the benchmark also measures a matmul, see `peak_gflops`)."""
-  if info is None:
-    try:
-      with open('/proc/cpuinfo') as f:
-        info = f.read()
-    except OSError:
-      return None
-  mhz = [float(m) for m in re.findall(r'^cpu MHz\s*:\s*([\d.]+)', info, re.M)]
-  per_cycle = cpu_flops_per_cycle(info)
-  if not mhz or not per_cycle:
-    return None
-  return (cores or os.cpu_count() or 1) * max(mhz) / 1e3 * per_cycle
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-  """Best float32 GFLOP/s of a jitted n x n x n matmul on JAX's default device."""
-  import jax
-  import jax.numpy as jnp
-
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  mm = jax.jit(jnp.dot).lower(a, a).compile()
-  return 2 * n**3 / measure(lambda: mm(a, a).block_until_ready(), 1, reps)['min_s'] / 1e9
-
-
-def peak_gflops(platform_name: str, device: str, dtype: str = 'float32', matmul: float | None = None) -> float | None:
-  """The device's peak; on CPU, the larger of `cpu_peak_gflops` and the rate of a measured
-  matmul (`matmul`): the peak can be no lower than what a matmul achieves, and
-  a VM's cpuinfo clock is the nominal one while the cores may boost above it."""
-  if platform_name == 'cpu':
-    # bf16 on CPU: the float32 peak (XLA CPU computes bf16 in f32, see README).
-    return max((p for p in (cpu_peak_gflops(), matmul) if p), default=None)
-  for name, fp32, bf16 in ACCELERATOR_PEAK_TFLOPS:
-    if name.lower() in device.lower():
-      return 1e3 * (bf16 if dtype == 'bfloat16' else fp32)
-  return None
-
-
-def peak_rss() -> int:
-  """Peak resident memory of this process (the worker: one framework only)."""
-  import resource
-
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def add_fraction_of_peak(res: dict, gmacs: float | None, peak: float | None):
-  """Achieved FLOP/s over the peak: 2 FLOPs per multiply-add of the counted
-  forward; a training step counted as 3 forwards (forward + twice the work for
-  the backward), the usual estimate."""
-  if not gmacs or not peak:
-    return
-  frac = {f'eval_bs{bs}': ips * 2 * gmacs / peak for bs, ips in res.get('eval_img_per_s', {}).items()}
-  if res.get('train_img_per_s'):
-    frac['train'] = res['train_img_per_s'] * 3 * 2 * gmacs / peak
-  res['fraction_of_peak'] = frac
 
 
 def ratios(jax_res: dict, torch_res: dict) -> dict:
@@ -720,7 +487,7 @@ def spawn(side: str, argv: list[str], args, log) -> dict:
     out = os.path.join(d, f'{side}.json')
     cmd = [sys.executable, os.path.abspath(__file__), *argv, f'--worker={side}', f'--worker-output={out}']
     log(f'--- {side}: own process, {args.threads} threads')
-    proc = __import__('subprocess').run(cmd, env=worker_env(side, args.threads), stdout=sys.stderr)
+    proc = subprocess.run(cmd, env=worker_env(side, args.threads), stdout=sys.stderr)
     if proc.returncode != 0 or not os.path.exists(out):
       return dict(error=f'{side} worker exited with status {proc.returncode}')
     with open(out) as f:
@@ -728,9 +495,7 @@ def spawn(side: str, argv: list[str], args, log) -> dict:
 
 
 def setup(args):
-  from cgrseg_jax.models import registry
-
-  config = load_config(args.config)
+  config = config_files.load(args.config)
   with config.unlocked():
     if args.variant:  # a registered model name or its short form within the config's family (tiny)
       config.model.name = registry.resolve(args.variant, registry.family_of(config.model.name).name)
@@ -746,7 +511,7 @@ def make_data(args, hw, num_classes) -> dict:
   rng = np.random.default_rng(0)
   n = max(max(args.batch_sizes), args.train_batch)
   image = rng.integers(0, 256, (n, *hw, 3), dtype=np.uint8)
-  mean, std = np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)
+  mean, std = np.asarray(MEAN_RGB, np.float32), np.asarray(STD_RGB, np.float32)
   return dict(
     image=image,
     x=((image[..., ::-1].astype(np.float32) - mean) / std),
@@ -796,8 +561,6 @@ def main(argv=None) -> int:
       json.dump(res, f)
     return 0
 
-  from cgrseg_jax.models import registry
-
   config, name, num_classes, hw = setup(args)
   family = registry.family_of(name)
   variant = name[len(family.name) + 1 :] if name.startswith(family.name + '_') else name
@@ -831,19 +594,19 @@ def main(argv=None) -> int:
     result[k] = result['jax'].pop(k, None)
   result['device'] = result['jax'].get('device')
   plat = result['jax'].get('platform', 'cpu')
-  result['peak_gflops'] = peak_gflops(plat, result['device'] or '', matmul=result['matmul_gflops'])
-  add_fraction_of_peak(result['jax'], result['gmacs'], result['peak_gflops'])
+  result['peak_gflops'] = cost.peak_gflops(plat, result['device'] or '', matmul=result['matmul_gflops'])
+  cost.add_fraction_of_peak(result['jax'], result['gmacs'], result['peak_gflops'])
   if 'bfloat16' in result['jax']:
-    add_fraction_of_peak(
+    cost.add_fraction_of_peak(
       result['jax']['bfloat16'],
       result['gmacs'],
-      peak_gflops(plat, result['device'], 'bfloat16', result['matmul_gflops']),
+      cost.peak_gflops(plat, result['device'], 'bfloat16', result['matmul_gflops']),
     )
   if args.compare_torch:
     sides = ['torch'] + (['torch_compile'] if args.torch_compile else [])
     for side in sides:
       res = spawn(side, worker_argv, args, log)
-      add_fraction_of_peak(res, result['gmacs'], result['peak_gflops'])
+      cost.add_fraction_of_peak(res, result['gmacs'], result['peak_gflops'])
       result[side] = res
     if 'error' in result['torch']:
       log(result['torch']['error'])

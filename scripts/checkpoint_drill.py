@@ -28,7 +28,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = [
   '--config=configs/synthetic_t.py',
-  '--config.model.variant=tiny',
+  '--config.model.name=cgrseg_tiny',
   '--config.data.synthetic.image_size=(64,80)',
   '--config.data.synthetic.num_train=64',
   '--config.data.synthetic.num_val=8',

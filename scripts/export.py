@@ -31,7 +31,13 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax import export
+
+from cgrseg_jax.data.transforms import MEAN_RGB, STD_RGB
+from cgrseg_jax.inference import Segmenter
 
 EXPORT_FILE = 'forward.jaxexport'
 ONNX_FILE = 'forward.onnx'
@@ -40,10 +46,6 @@ META_FILE = 'meta.json'
 
 def export_forward(model, variables, height: int, width: int, batch=None, platforms=None):
   """`jax.export.Exported` of the eval forward; `batch=None` -> symbolic batch."""
-  import jax
-  import jax.numpy as jnp
-  from jax import export
-
   fn = jax.jit(lambda x: model.apply(variables, x, train=False))
   n = export.symbolic_shape('b')[0] if batch is None else int(batch)
   spec = jax.ShapeDtypeStruct((n, height, width, 3), jnp.float32)
@@ -53,7 +55,7 @@ def export_forward(model, variables, height: int, width: int, batch=None, platfo
 def export_onnx(model, variables, height: int, width: int, batch, path: str):
   """ONNX through jax2onnx; raises RuntimeError saying what is missing/unsupported."""
   try:
-    from jax2onnx import to_onnx
+    from jax2onnx import to_onnx  # optional, installed by hand (see the docstring)
     import onnx
   except ImportError as e:
     raise RuntimeError(f"ONNX export needs jax2onnx and onnx ({e}); see this script's docstring") from None
@@ -66,8 +68,6 @@ def export_onnx(model, variables, height: int, width: int, batch, path: str):
 
 def load(directory: str):
   """(Exported, meta) of an export directory."""
-  from jax import export
-
   path = os.path.join(directory, EXPORT_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no exported forward here (run scripts/export.py --output={directory})')
@@ -116,10 +116,6 @@ def main(argv=None) -> int:
     p.error('--checkpoint and --output are required (or --check=DIR)')
   if args.height % 32 or args.width % 32:
     p.error(f'--height/--width must be multiples of 32 (the test pipeline pads to 32), got {args.height}x{args.width}')
-  import jax
-  import jax.numpy as jnp
-  from cgrseg_jax.inference import Segmenter
-
   seg = Segmenter.from_checkpoint(
     args.checkpoint, dataset=args.dataset, dtype=jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
   )
@@ -144,8 +140,8 @@ def main(argv=None) -> int:
     batch=batch,
     layout='NHWC',
     input='RGB float32, (x - mean) / std, zero-padded right/bottom to the multiple of 32',
-    mean=[123.675, 116.28, 103.53],
-    std=[58.395, 57.12, 57.375],
+    mean=list(MEAN_RGB),
+    std=list(STD_RGB),
     output='logits float32 (N, H, W, K) at the input size',
     dtype=args.dtype,
     platforms=list(exported.platforms),

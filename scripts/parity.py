@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+import cv2
+import jax
 import numpy as np
+import torch
 
-
-MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-STD = np.array([58.395, 57.12, 57.375], np.float32)
+from cgrseg_jax import loader, torch_files
+from cgrseg_jax.data.transforms import MEAN_RGB, STD_RGB
+from cgrseg_jax.models import build_model, family_of
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -38,8 +40,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def load_input(args) -> np.ndarray:
   """(1, H, W, 3) float32 NHWC."""
-  import cv2
-
   if args.image is None:
     h, w = args.size or (512, 512)
     return np.random.default_rng(args.seed).standard_normal((1, h, w, 3)).astype(np.float32)
@@ -52,7 +52,7 @@ def load_input(args) -> np.ndarray:
     f = 512 / min(img.shape[:2])
     h, w = (max(32, int(round(s * f / 32)) * 32) for s in img.shape[:2])
   img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)[..., ::-1].astype(np.float32)
-  return ((img - MEAN) / STD)[None]
+  return ((img - np.float32(MEAN_RGB)) / np.float32(STD_RGB))[None]
 
 
 def errors(name, ours, ref):
@@ -80,12 +80,6 @@ def main(argv=None):
   ap.add_argument('--json', default=None, help='also write the results to this JSON file')
   args = ap.parse_args(argv)
 
-  import jax
-  import torch
-
-  from cgrseg_jax import convert, loader
-  from cgrseg_jax.models import build_model, family_of
-
   loaded = loader.load(
     args.checkpoint, model=args.model, variant=args.variant, num_classes=args.num_classes, kinds=('torch',)
   )
@@ -97,7 +91,7 @@ def main(argv=None):
   model = build_model(loaded.model, loaded.num_classes)
   variables = loaded.variables
   ref_model = family.torch_reference(loaded.model, loaded.num_classes)
-  ref_model.load_state_dict({k: torch.as_tensor(v) for k, v in convert.read_torch_file(args.checkpoint).items()})
+  ref_model.load_state_dict({k: torch.as_tensor(v) for k, v in torch_files.read_state_dict(args.checkpoint).items()})
   ref_model.eval()
 
   x = load_input(args)

@@ -27,9 +27,14 @@ import sys
 import time
 
 import cv2
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
+from cgrseg_jax import config_files
+from cgrseg_jax.inference import Segmenter
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -138,8 +143,10 @@ def main(argv=None) -> int:
     help="keep-ratio test scale 'long,short' (default: the dataset's, e.g. 2048,512)",
   )
   p.add_argument('--mode', choices=['whole', 'slide'], default='whole')
-  p.add_argument('--crop', type=lambda s: _pair(s, '--crop'), default=(512, 512), help='slide window h,w')
-  p.add_argument('--stride', type=lambda s: _pair(s, '--stride'), default=(341, 341), help='slide stride h,w')
+  p.add_argument('--crop', type=lambda s: _pair(s, '--crop'), help="slide window h,w (default: configs/default.py's)")
+  p.add_argument(
+    '--stride', type=lambda s: _pair(s, '--stride'), help="slide stride h,w (default: configs/default.py's)"
+  )
   p.add_argument('--tta-scales', default=None, help='comma list of ratios, e.g. 0.5,0.75,1.0,1.25,1.5,1.75')
   p.add_argument('--flip', action='store_true', help='add horizontal flips (test-time augmentation)')
   p.add_argument('--opacity', type=float, default=0.5, help='overlay weight of the colours, in [0, 1]')
@@ -159,9 +166,9 @@ def main(argv=None) -> int:
     print('error: no input images', file=sys.stderr)
     return 1
 
-  import jax.numpy as jnp
-  from cgrseg_jax.inference import Segmenter
-
+  if args.mode == 'slide' and (args.crop is None or args.stride is None):
+    defaults = config_files.load(os.path.join(REPO, 'configs', 'default.py')).eval
+    args.crop, args.stride = args.crop or tuple(defaults.crop_size), args.stride or tuple(defaults.stride)
   seg_kwargs = dict(mode=args.mode, crop_size=args.crop, stride=args.stride, batch_size=args.batch_size)
   if args.img_scale:
     seg_kwargs['img_scale'] = args.img_scale
@@ -181,12 +188,7 @@ def main(argv=None) -> int:
 
   bar = None
   if not args.no_progress:
-    try:
-      from tqdm import tqdm
-
-      bar = tqdm(total=len(paths), unit='img', file=sys.stderr)
-    except ImportError:
-      pass
+    bar = tqdm(total=len(paths), unit='img', file=sys.stderr)
   stems = output_names(paths)
   summary, n_failed = {}, len(failures)
   t0 = time.perf_counter()

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cgrseg_jax import convert
-from cgrseg_jax.models import csfcn
+from cgrseg_jax.models import csfcn, key_layout
 from flax_torch import nchw, nhwc
 
 
@@ -20,7 +19,7 @@ def rel(a, b) -> float:
 
 def variables_for(torch_mod, flax_mod, *inputs, **kwargs):
   template = jax.eval_shape(lambda: flax_mod.init(jax.random.PRNGKey(0), *inputs, **kwargs))
-  variables, _ = convert.fill_from_state_dict(torch_mod.state_dict(), template, csfcn.KEY_LAYOUT)
+  variables, _ = key_layout.fill_from_state_dict(torch_mod.state_dict(), template, csfcn.KEY_LAYOUT)
   return jax.tree_util.tree_map(jnp.asarray, variables)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from cgrseg_jax import convert
+from cgrseg_jax.models import key_layout
 from cgrseg_jax.models import family_of
 
 
@@ -25,7 +25,7 @@ def variables_from_torch(torch_module: torch.nn.Module, flax_module, *inputs, mo
   family's key layout (strict: every key must be used)."""
   template = jax.eval_shape(lambda: flax_module.init(jax.random.PRNGKey(0), *inputs, **kwargs))
   layout = family_of(model).key_layout
-  variables, _ = convert.fill_from_state_dict(torch_module.state_dict(), template, layout, strict=True)
+  variables, _ = key_layout.fill_from_state_dict(torch_module.state_dict(), template, layout, strict=True)
   return jax.tree_util.tree_map(jnp.asarray, variables)
 
 

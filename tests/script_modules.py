@@ -4,7 +4,7 @@ process, e.g. with a model family registered by the test); not a test file."""
 import importlib.util
 import os
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
+from paths import SCRIPTS
 
 
 def load(name: str):

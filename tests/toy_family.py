@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from cgrseg_jax.errors import ConversionError
-from cgrseg_jax.models import registry
+from cgrseg_jax.models import key_layout, registry
 
 WIDTHS = {'toy_small': 8, 'toy_wide': 16}
 
@@ -74,15 +74,13 @@ def detect_backbone(state):
 
 
 def load_backbone(state, template):
-  from cgrseg_jax import convert
-
   part = {c: {k: v for k, v in t.items() if k.startswith('stem_')} for c, t in template.items()}
-  return convert.fill_from_state_dict(
+  return key_layout.fill_from_state_dict(
     state, part, LAYOUT, strict=False, skip_unused=lambda k: 'ImageNet classifier' if k.startswith('fc.') else None
   )
 
 
-LAYOUT = registry.KeyLayout(list_modules=('stem',))
+LAYOUT = key_layout.KeyLayout(list_modules=('stem',))
 
 FAMILY = registry.ModelFamily(
   name='toy',

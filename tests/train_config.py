@@ -30,6 +30,18 @@ def tiny_config(**overrides):
   return c
 
 
+def with_values(config, **values):
+  """A resolved copy of `config` with dotted fields set: with_values(c, **{'model.num_classes': 5})."""
+  config = config.copy_and_resolve_references()
+  for key, value in values.items():
+    node = config
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def get_config():
   """`main.py --config=tests/train_config.py` (tests in subprocesses): the tiny config; set fields with --config.x."""
   return tiny_config()

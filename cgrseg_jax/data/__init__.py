@@ -1,8 +1,11 @@
-"""Input pipeline: the dataset registry (datasets.py), sources (directory
-layouts, custom, TFDS, synthetic), mmseg 0.27 transforms registered by name
-(transforms.py), grain train/eval pipelines and dataset converters. See
-pipeline.py for the API the training code uses."""
+"""Input pipeline: the dataset registry (datasets.py), readers of the data
+(sources.py: directory layouts, custom, TFDS, synthetic), mmseg 0.27
+transforms registered by name (transforms.py, torchvision_transforms.py),
+test-time buckets (buckets.py), grain train/eval pipelines (pipeline.py),
+config -> pipelines (input_pipeline.py, what training and evaluation call)
+and dataset converters (converters.py)."""
 
+from . import torchvision_transforms  # noqa: F401  (registers CSFCN's transforms by name)
 from .datasets import DATASETS, DatasetInfo, Layout, register
 from .pipeline import (
   EvalData,
@@ -13,7 +16,6 @@ from .pipeline import (
   normalize_image,
 )
 from .sources import DataError, make_source
-from . import torchvision_transforms  # noqa: F401  (registers CSFCN's transforms by name)
 
 __all__ = [
   'DATASETS',

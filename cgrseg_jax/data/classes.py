@@ -1,4 +1,5 @@
-"""Class names and colour palettes of the supported datasets.
+"""Class names and colour palettes of the supported datasets (the tables the
+dataset registry, datasets.py, gives its entries; read them from there).
 
 The name lists follow mmsegmentation 0.27's dataset classes (same order, so
 class index ``i`` here is train id ``i`` there). Palettes are RGB ``uint8``
@@ -512,32 +513,8 @@ def voc_colormap(num_classes: int) -> np.ndarray:
 
 
 def generated_palette(num_classes: int) -> np.ndarray:
-  # Skip VOC's black entry so no class is drawn like the (black) padding.
-  return voc_colormap(num_classes + 1)[1:]
-
-
-def class_names(dataset: str, num_classes: int | None = None) -> tuple[str, ...]:
-  """Class names of a named dataset (see ``DATASETS`` in sources.py)."""
-  key = dataset.lower()
-  if key in ('ade20k', 'tfds_ade20k', 'scene_parse150'):
-    return ADE20K_CLASSES
-  if key in ('coco_stuff10k', 'coco_stuff164k', 'coco_stuff'):
-    return COCO_STUFF_CLASSES
-  if key in ('pascal_context59', 'pascal_context'):
-    return PASCAL_CONTEXT59_CLASSES
-  if key == 'cityscapes':
-    return CITYSCAPES_CLASSES
-  if key == 'camvid':
-    return CAMVID_CLASSES
-  if key == 'synthetic':
-    return synthetic_classes(num_classes if num_classes is not None else 8)
-  raise KeyError(f'unknown dataset {dataset!r}; no class names registered')
-
-
-def palette(dataset: str, num_classes: int | None = None) -> np.ndarray:
-  """RGB palette ``(num_classes, 3) uint8`` of a named dataset."""
-  if dataset.lower() == 'cityscapes':
-    return CITYSCAPES_PALETTE.copy()
-  if dataset.lower() == 'camvid':
-    return CAMVID_PALETTE.copy()
-  return generated_palette(len(class_names(dataset, num_classes)))
+  """Distinct colours for any class count: VOC's map without its black entry
+  (so no class is drawn like the black padding), fixed random colours beyond 255."""
+  if num_classes < 256:
+    return voc_colormap(num_classes + 1)[1:]
+  return np.random.default_rng(0).integers(0, 256, (num_classes, 3), dtype=np.uint8)

@@ -13,6 +13,8 @@ scripts/convert_dataset.py; each converter returns a ``Summary``.
   the split files ``ImageSets/SegmentationContext/{train,val}.txt``.
 * Cityscapes: ``*_gtFine_polygons.json`` -> ``*_gtFine_labelTrainIds.png``,
   rasterised with OpenCV after the cityscapesscripts label table.
+
+Unlabelled pixels get the dataset entry's ignore index (datasets.py).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ import cv2
 import numpy as np
 
 from .. import errors
-
-IGNORE_INDEX = 255
+from . import datasets
 
 
 @dataclasses.dataclass
@@ -83,17 +84,24 @@ def coco_stuff10k_mapping() -> dict[int, int]:
   return {0: 0, **{cid: k + 1 for k, cid in enumerate(used)}}
 
 
+# The stuffthingmaps release marks unlabelled pixels with this value.
+STUFFTHINGMAPS_UNLABELED = 255
+
+
 def coco_stuff164k_mapping() -> dict[int, int]:
-  """0-based stuffthingmaps ids 0..181 -> train ids 0..170; 255 stays."""
+  """0-based stuffthingmaps ids 0..181 -> train ids 0..170; unlabelled -> the ignore index."""
   used = [i - 1 for i in range(1, 183) if i not in COCO_UNUSED_THING_IDS]
-  return {**{cid: k for k, cid in enumerate(used)}, 255: 255}
+  return {
+    **{cid: k for k, cid in enumerate(used)},
+    STUFFTHINGMAPS_UNLABELED: datasets.get('coco_stuff164k').ignore_index,
+  }
 
 
 def convert_coco_stuff10k(src: str, out: str | None = None, move: bool = False) -> Summary:
   """cocostuff-10k-v1.1 (``imageLists/{train,test}.txt``, ``images/*.jpg``,
   ``annotations/*.mat``) -> ``images/{train2014,test2014}``,
   ``annotations/{...}/*_labelTrainIds.png`` under ``out`` (default ``src``)."""
-  from scipy.io import loadmat  # pylint: disable=import-outside-toplevel
+  from scipy.io import loadmat  # SciPy: only the .mat releases need it
 
   out = out or src
   lut = _lut(coco_stuff10k_mapping())
@@ -221,7 +229,7 @@ def convert_pascal_context59(devkit: str, annotations: str, out: str | None = No
   splits: dict[str, list[str]] = {'train': [], 'val': []}
   label_dir = os.path.join(out, 'SegmentationClassContext')
   if os.path.isdir(annotations):
-    from scipy.io import loadmat  # pylint: disable=import-outside-toplevel
+    from scipy.io import loadmat  # SciPy: only the .mat releases need it
 
     for split in splits:
       list_file = os.path.join(voc, 'ImageSets', 'Main', f'{split}.txt')
@@ -264,45 +272,38 @@ def convert_pascal_context59(devkit: str, annotations: str, out: str | None = No
 
 # ------------------------------------------------------------- Cityscapes
 
-# cityscapesscripts' label table: name -> (id, trainId); trainId 255 is
-# ignored, id -1 (license plate) is not drawn.
-CITYSCAPES_LABELS = {
-  'unlabeled': (0, 255),
-  'ego vehicle': (1, 255),
-  'rectification border': (2, 255),
-  'out of roi': (3, 255),
-  'static': (4, 255),
-  'dynamic': (5, 255),
-  'ground': (6, 255),
-  'road': (7, 0),
-  'sidewalk': (8, 1),
-  'parking': (9, 255),
-  'rail track': (10, 255),
-  'building': (11, 2),
-  'wall': (12, 3),
-  'fence': (13, 4),
-  'guard rail': (14, 255),
-  'bridge': (15, 255),
-  'tunnel': (16, 255),
-  'pole': (17, 5),
-  'polegroup': (18, 255),
-  'traffic light': (19, 6),
-  'traffic sign': (20, 7),
-  'vegetation': (21, 8),
-  'terrain': (22, 9),
-  'sky': (23, 10),
-  'person': (24, 11),
-  'rider': (25, 12),
-  'car': (26, 13),
-  'truck': (27, 14),
-  'bus': (28, 15),
-  'caravan': (29, 255),
-  'trailer': (30, 255),
-  'train': (31, 16),
-  'motorcycle': (32, 17),
-  'bicycle': (33, 18),
-  'license plate': (-1, -1),
+# cityscapesscripts' label table. The 19 train classes (names: the dataset
+# entry's `class_names`, in train-id order) have these label ids; every other
+# label is ignored (trainId 255); id -1 (license plate) is never drawn.
+CITYSCAPES_TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+CITYSCAPES_IGNORED_LABEL_IDS = {
+  'unlabeled': 0,
+  'ego vehicle': 1,
+  'rectification border': 2,
+  'out of roi': 3,
+  'static': 4,
+  'dynamic': 5,
+  'ground': 6,
+  'parking': 9,
+  'rail track': 10,
+  'guard rail': 14,
+  'bridge': 15,
+  'tunnel': 16,
+  'polegroup': 18,
+  'caravan': 29,
+  'trailer': 30,
+  'license plate': -1,
 }
+
+
+def cityscapes_labels() -> dict[str, tuple[int, int]]:
+  """Label name -> (id, trainId), trainId the ignore index for labels not trained on."""
+  info = datasets.get('cityscapes')
+  table = {name: (label_id, info.ignore_index) for name, label_id in CITYSCAPES_IGNORED_LABEL_IDS.items()}
+  table.update(
+    {name: (label_id, k) for k, (name, label_id) in enumerate(zip(info.class_names, CITYSCAPES_TRAIN_LABEL_IDS))}
+  )
+  return table
 
 
 def cityscapes_polygons_to_train_ids(annotation: dict, where: str = '<json>') -> np.ndarray:
@@ -310,17 +311,18 @@ def cityscapes_polygons_to_train_ids(annotation: dict, where: str = '<json>') ->
   objects drawn in file order (later ones on top), pixels inside and on each
   polygon's outline; ``<label>group`` falls back to ``<label>`` when the
   table has no group entry; deleted objects and negative ids are skipped."""
+  labels = cityscapes_labels()
   h, w = int(annotation['imgHeight']), int(annotation['imgWidth'])
-  label = np.full((h, w), IGNORE_INDEX, np.uint8)
+  label = np.full((h, w), datasets.get('cityscapes').ignore_index, np.uint8)
   for obj in annotation['objects']:
     if obj.get('deleted'):
       continue
     name = obj['label']
-    if name not in CITYSCAPES_LABELS and name.endswith('group'):
+    if name not in labels and name.endswith('group'):
       name = name[: -len('group')]
-    if name not in CITYSCAPES_LABELS:
+    if name not in labels:
       raise errors.DataError(f'{where}: unknown Cityscapes label {obj["label"]!r}')
-    label_id, train_id = CITYSCAPES_LABELS[name]
+    label_id, train_id = labels[name]
     if label_id < 0:
       continue
     points = np.round(np.asarray(obj['polygon'], np.float64)).astype(np.int32).reshape(-1, 1, 2)

@@ -1,8 +1,8 @@
 """The dataset registry: one ``DatasetInfo`` per dataset, the only place that
 knows its directory layout, splits, classes, palette, ``reduce_zero_label``,
 ignore index, label remapping, mmseg train/test scales, default location and
-where to get it. Configs (configs/default.py), the sources (sources.py) and
-inference read these facts from here.
+where to get it. Configs (configs/default.py), the sources (sources.py), the
+loss, the metric, the converters and inference read these facts from here.
 
 Adding a dataset is one ``register(DatasetInfo(...))`` call (any module, a
 test included) plus a config that names it::
@@ -14,20 +14,24 @@ test included) plus a config that names it::
 Layout paths are relative to the dataset root; ``{split}`` is replaced by the
 split's folder name (``Layout.splits`` maps ``train``/``val``/``test`` to it).
 ``label_map`` remaps raw label values at read time (CamVid's void 11 -> 255);
-``reduce_zero_label`` is applied later, as an mmseg transform.
+``reduce_zero_label`` is applied later, as an mmseg transform. ``source`` names
+the kind of reader (``sources.SOURCES``): ``files`` for a layout on disk,
+``custom`` (your own folders, from the config), ``synthetic`` and ``tfds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .. import errors
 from . import classes as class_lists
 
+# mmseg's label value for "not labelled": no loss, no metric. Every dataset
+# entry carries it (`DatasetInfo.ignore_index`); this is its default.
 IGNORE_INDEX = 255
 
 
@@ -76,9 +80,10 @@ class DatasetInfo:
   """Static facts of a dataset and its mmseg recipe.
 
   ``img_scale`` is mmseg's keep-ratio scale (train base scale and test
-  scale), ``crop_size`` its training crop (h, w). ``builder`` makes the source
-  for datasets that are not a plain directory layout (synthetic, TFDS,
-  custom): ``builder(info, root, split, **kwargs) -> (source, info)``.
+  scale), ``crop_size`` its training crop (h, w). ``source`` is the reader
+  kind (``sources.SOURCES``): ``files`` reads ``layout`` under a root; the
+  others (``custom``, ``synthetic``, ``tfds``) take their settings from the
+  caller (the config's ``data.custom`` / ``data.synthetic``).
   """
 
   name: str
@@ -93,7 +98,7 @@ class DatasetInfo:
   label_map: Mapping[int, int] | None = None
   default_root: str | None = None
   obtain: str = ''  # where to get the data and which converter to run
-  builder: Callable[..., Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+  source: str = 'files'
 
   def __post_init__(self):
     if self.class_names and len(self.class_names) != self.num_classes:
@@ -134,14 +139,57 @@ def get(name: str) -> DatasetInfo:
   return DATASETS[key]
 
 
-def _named(name: str, num_classes: int, rzl: bool, **kw) -> DatasetInfo:
-  return DatasetInfo(
-    name,
-    num_classes,
-    rzl,
-    class_names=class_lists.class_names(name, num_classes),
-    palette=class_lists.palette(name, num_classes),
-    **kw,
+def custom_info(
+  *,
+  num_classes: int | None = None,
+  class_names: Sequence[str] | None = None,
+  palette: np.ndarray | Sequence[Sequence[int]] | None = None,
+  reduce_zero_label: bool = False,
+  label_map: dict[int, int] | None = None,
+) -> DatasetInfo:
+  """The ``custom`` entry for your own data, from its class names or count."""
+  if class_names is not None:
+    class_names = tuple(class_names)
+    if num_classes is not None and num_classes != len(class_names):
+      raise errors.ConfigError(f'custom dataset: num_classes={num_classes} but {len(class_names)} class names')
+    num_classes = len(class_names)
+  if num_classes is None:
+    raise errors.ConfigError(
+      'custom datasets need class names or a class count (data.custom.class_names / num_classes)'
+    )
+  if not 1 <= num_classes <= 255:  # uint8 labels
+    raise errors.ConfigError(f'custom dataset: num_classes must be in [1, 255], got {num_classes}')
+  pal = None
+  if palette is not None:
+    pal = np.asarray(palette, dtype=np.uint8)
+    if pal.shape != (num_classes, 3):
+      raise errors.ConfigError(f'custom dataset: palette must have shape ({num_classes}, 3), got {pal.shape}')
+  return dataclasses.replace(
+    DATASETS['custom'],
+    num_classes=num_classes,
+    reduce_zero_label=bool(reduce_zero_label),
+    class_names=class_names or (),
+    palette=pal,
+    label_map=dict(label_map) if label_map else None,
+  )
+
+
+def for_model(name: str, num_classes: int) -> DatasetInfo:
+  """The entry of dataset `name` as a model with `num_classes` outputs sees it:
+  the entry itself, or (a class count the entry does not have, e.g. a custom
+  or synthetic model) the same facts with generated names and colours."""
+  info = get(name)
+  if info.num_classes == num_classes:
+    return info
+  if info.source == 'synthetic':
+    return synthetic_info(num_classes)
+  return dataclasses.replace(info, num_classes=num_classes, class_names=(), palette=None)
+
+
+def synthetic_info(num_classes: int) -> DatasetInfo:
+  """The ``synthetic`` entry with ``num_classes`` classes (the count is a setting)."""
+  return dataclasses.replace(
+    DATASETS['synthetic'], num_classes=num_classes, class_names=class_lists.synthetic_classes(num_classes)
   )
 
 
@@ -149,20 +197,22 @@ _ADE = (
   'mmseg layout of ADEChallengeData2016.zip from http://data.csail.mit.edu/places/ADEchallenge/ (unzip into data/ade/)'
 )
 register(
-  _named(
+  DatasetInfo(
     'ade20k',
     150,
     True,
+    class_names=class_lists.ADE20K_CLASSES,
     layout=Layout('images/{split}', 'annotations/{split}', splits={'train': 'training', 'val': 'validation'}),
     default_root='data/ade/ADEChallengeData2016',
     obtain=f'{_ADE}; no conversion needed',
   )
 )
 register(
-  _named(
+  DatasetInfo(
     'coco_stuff10k',
     171,
     True,
+    class_names=class_lists.COCO_STUFF_CLASSES,
     layout=Layout(
       'images/{split}',
       'annotations/{split}',
@@ -175,10 +225,11 @@ register(
   )
 )
 register(
-  _named(
+  DatasetInfo(
     'coco_stuff164k',
     171,
     False,
+    class_names=class_lists.COCO_STUFF_CLASSES,
     layout=Layout(
       'images/{split}',
       'annotations/{split}',
@@ -192,10 +243,11 @@ register(
   )
 )
 register(
-  _named(
+  DatasetInfo(
     'pascal_context59',
     59,
     True,
+    class_names=class_lists.PASCAL_CONTEXT59_CLASSES,
     img_scale=(520, 520),
     crop_size=(480, 480),
     layout=Layout('JPEGImages', 'SegmentationClassContext', split_file='ImageSets/SegmentationContext/{split}.txt'),
@@ -207,10 +259,12 @@ register(
   'pascal_context',
 )
 register(
-  _named(
+  DatasetInfo(
     'cityscapes',
     19,
     False,
+    class_names=class_lists.CITYSCAPES_CLASSES,
+    palette=class_lists.CITYSCAPES_PALETTE,
     img_scale=(2048, 1024),
     crop_size=(512, 1024),
     layout=Layout(
@@ -228,10 +282,12 @@ register(
 # CamVid as SegNet distributes it (the layout CSFCN trains on): 11 classes,
 # raw label 11 is void and becomes the ignore index.
 register(
-  _named(
+  DatasetInfo(
     'camvid',
     11,
     False,
+    class_names=class_lists.CAMVID_CLASSES,
+    palette=class_lists.CAMVID_PALETTE,
     img_scale=(960, 720),
     crop_size=(720, 960),
     layout=Layout(
@@ -243,3 +299,10 @@ register(
     'valannot, test, testannot) copied to data/camvid; no conversion needed',
   )
 )
+# Your own folders (README "Your own data"): classes, directories and suffixes
+# come from the config (data.custom, `custom_info`).
+register(DatasetInfo('custom', 1, False, source='custom'))
+# Procedural scenes (synthetic.py), no files; the class count is a setting (`synthetic_info`).
+register(DatasetInfo('synthetic', 8, False, class_names=class_lists.synthetic_classes(8), source='synthetic'))
+# ADE20K through TFDS `scene_parse150` (the `tfds` extra); see sources.TfdsSource for its caveat.
+register(dataclasses.replace(DATASETS['ade20k'], name='tfds_ade20k', layout=None, source='tfds'), 'scene_parse150')

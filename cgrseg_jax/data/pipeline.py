@@ -65,15 +65,13 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from cgrseg_jax import testtime
-
+from . import buckets, datasets
 from . import sources as sources_lib
 from . import transforms as T
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = 255
 
 
 # ------------------------------------------------------- source handling
@@ -120,9 +118,9 @@ def resolve_source(
     source, info = sources_lib.make_source(dataset, root, split, **kwargs)
   elif info is None:
     name = dataset.lower()
-    if name not in sources_lib.DATASETS:
+    if name not in datasets.DATASETS:
       raise ValueError(f'pass info= (a DatasetInfo) with a source of unknown dataset {dataset!r}')
-    info = sources_lib.DATASETS[name]
+    info = datasets.DATASETS[name]
   if num_classes is not None and num_classes != info.num_classes:
     raise ValueError(f'num_classes={num_classes} but dataset {info.name!r} has {info.num_classes} classes')
   if len(source) == 0:
@@ -157,8 +155,6 @@ def _prefetch(ds: grain.IterDataset, num_workers: int, buffer: int) -> grain.Ite
   if num_workers > 0:
     # grain's worker processes read absl flags; outside an absl app they
     # are unparsed and reading them raises, so accept the defaults.
-    from absl import flags  # pylint: disable=import-outside-toplevel
-
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(
@@ -200,7 +196,7 @@ def make_train_dataset(
   read_threads: int | None = None,
   worker_buffer: int = 2,
   source=None,
-  info: sources_lib.DatasetInfo | None = None,
+  info: datasets.DatasetInfo | None = None,
   source_kwargs: Mapping[str, Any] | None = None,
   **default_pipeline_options,
 ) -> grain.IterDataset:
@@ -270,25 +266,6 @@ def make_train_iterator(*args, **kwargs) -> grain.DatasetIterator:
 # ------------------------------------------------------------------- eval
 
 
-def plan_buckets(
-  orig_sizes: Sequence[tuple[int, int]],
-  img_scale: Sequence[int],
-  *,
-  size_divisor: int = 32,
-  max_buckets: int | None = 8,
-) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-  """Per sample ``(image_bucket_hw, label_bucket_hw)``.
-
-  The image bucket contains the mmseg padded size (resized, rounded up to
-  ``size_divisor``); the label bucket contains the original size. Both are
-  rounded to the same multiple (``testtime.plan_multiple``).
-  """
-  resized = [T.rescale_size(hw, img_scale)[0] for hw in orig_sizes]
-  pairs = list(zip(resized, orig_sizes))
-  step = testtime.plan_multiple(pairs, size_divisor, max_buckets)
-  return [(testtime.bucket_for(r, step), testtime.bucket_for(o, step)) for r, o in pairs]
-
-
 def _source_size(source, index: int) -> tuple[int, int]:
   if hasattr(source, 'size'):
     return tuple(int(v) for v in source.size(index))
@@ -300,13 +277,14 @@ class _LoadEvalBatch(grain.transforms.Map):
   source: Any
   img_scale: tuple[int, int]
   reduce_zero_label: bool
+  ignore_index: int
   skip_bad_samples: bool
 
   def _one(self, index: int, img_bucket, lbl_bucket) -> dict[str, np.ndarray]:
     empty = {
       'image': np.zeros((*img_bucket, 3), np.uint8),
       'valid_hw': np.zeros(2, np.int32),
-      'label': np.full(lbl_bucket, IGNORE_INDEX, np.uint8),
+      'label': np.full(lbl_bucket, self.ignore_index, np.uint8),
       'orig_hw': np.zeros(2, np.int32),
       'index': np.int32(-1),
     }
@@ -317,7 +295,7 @@ class _LoadEvalBatch(grain.transforms.Map):
       label = rec['label']
       if self.reduce_zero_label:
         label = T.reduce_zero_label(label)
-      el = {'image': testtime.resize(rec['image'], self.img_scale)}
+      el = {'image': T.resize_image(rec['image'], self.img_scale)}
       h, w = el['image'].shape[:2]
       oh, ow = label.shape
       if h > img_bucket[0] or w > img_bucket[1] or oh > lbl_bucket[0] or ow > lbl_bucket[1]:
@@ -334,14 +312,14 @@ class _LoadEvalBatch(grain.transforms.Map):
       'image': el['image'],
       'valid_hw': np.array([h, w], np.int32),
       'label': cv2.copyMakeBorder(
-        label, 0, lbl_bucket[0] - oh, 0, lbl_bucket[1] - ow, cv2.BORDER_CONSTANT, value=IGNORE_INDEX
+        label, 0, lbl_bucket[0] - oh, 0, lbl_bucket[1] - ow, cv2.BORDER_CONSTANT, value=self.ignore_index
       ),
       'orig_hw': np.array([oh, ow], np.int32),
       'index': np.int32(index),
     }
 
   def map(self, plan):
-    img_bucket, lbl_bucket, indices = plan
+    (img_bucket, lbl_bucket), indices = plan
     items = [self._one(int(i), img_bucket, lbl_bucket) for i in indices]
     return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
@@ -352,14 +330,18 @@ class EvalData:
 
   ``dataset`` yields the batches; ``num_batches`` is the same on every
   process (they step in lockstep for global batches); ``shapes`` lists the
-  (image, label) bucket shapes that occur.
+  (image, label) bucket shapes that occur. ``source`` and ``indices`` (this
+  process's images, in batch order) serve evaluators that read the records
+  themselves (TTA / slide), so that every evaluator splits the images alike.
   """
 
   dataset: grain.IterDataset
   num_batches: int
   shapes: list[tuple[tuple[int, int], tuple[int, int]]]
-  info: sources_lib.DatasetInfo
+  info: datasets.DatasetInfo
   num_samples: int
+  source: Any
+  indices: list[int]
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return iter(self.dataset)
@@ -384,7 +366,7 @@ def make_eval_dataset(
   shard_count: int | None = None,
   read_threads: int | None = None,
   source=None,
-  info: sources_lib.DatasetInfo | None = None,
+  info: datasets.DatasetInfo | None = None,
   source_kwargs: Mapping[str, Any] | None = None,
 ) -> EvalData:
   """mmseg test pipeline (keep-ratio Resize, pad) with shape buckets.
@@ -397,26 +379,16 @@ def make_eval_dataset(
   img_scale = tuple(img_scale or info.img_scale)
   shard_index, shard_count = _process_shard(shard_index, shard_count)
   sizes = [_source_size(source, i) for i in range(len(source))]
-  keys = plan_buckets(sizes, img_scale, size_divisor=size_divisor, max_buckets=max_buckets)
-  groups: dict[Any, list[int]] = {}
-  for i, key in enumerate(keys):
-    groups.setdefault(key, []).append(i)
-  global_batch = batch_size * shard_count
-  plans = []
-  for key in sorted(groups):
-    members = groups[key]
-    for start in range(0, len(members), global_batch):
-      chunk = members[start : start + global_batch]
-      chunk = chunk + [-1] * (global_batch - len(chunk))
-      mine = chunk[shard_index * batch_size : (shard_index + 1) * batch_size]
-      plans.append((key[0], key[1], tuple(mine)))
-  loader = _LoadEvalBatch(source, img_scale, info.reduce_zero_label, skip_bad_samples)
+  keys = buckets.plan_buckets(sizes, img_scale, size_divisor=size_divisor, max_buckets=max_buckets)
+  plans = buckets.plan_eval_batches(keys, batch_size, shard_index, shard_count)
+  loader = _LoadEvalBatch(source, img_scale, info.reduce_zero_label, info.ignore_index, skip_bad_samples)
   ds = grain.MapDataset.source(plans).map(loader)
   if read_threads is None:
     read_threads = 1 if num_workers > 0 else 4
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
   it = _prefetch(it, num_workers, 2)
-  return EvalData(it, len(plans), sorted(groups), info, len(source))
+  mine = [i for _, indices in plans for i in indices if i >= 0]
+  return EvalData(it, len(plans), sorted(set(keys)), info, len(source), source, mine)
 
 
 # --------------------------------------------------- device-side helpers
@@ -489,5 +461,4 @@ __all__ = [
   'make_eval_dataset',
   'make_global_batch',
   'normalize_image',
-  'plan_buckets',
 ]

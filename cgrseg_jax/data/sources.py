@@ -7,10 +7,11 @@ Every source is a grain ``RandomAccessDataSource`` (``__len__`` and
 ``DatasetInfo.reduce_zero_label`` says whether the pipeline adds it.
 
 The datasets, their directory layouts and default roots are registered in
-datasets.py (``make_source(name, root, split)`` builds any of them);
+datasets.py (``make_source(name, root, split)`` builds any of them, with the
+reader its entry names, ``SOURCES``): ``files`` reads a registered layout,
 ``custom`` takes its directories, suffixes and classes from the caller (the
-config's ``data.custom``), ``synthetic`` needs no files, ``tfds_ade20k``
-reads TFDS ``scene_parse150`` (optional extra ``pip install -e .[tfds]``).
+config's ``data.custom``), ``synthetic`` needs no files, ``tfds`` reads TFDS
+``scene_parse150`` (optional extra ``pip install -e .[tfds]``).
 
 Labels are read as mmseg reads them: grey PNGs give their values, palette
 PNGs their palette indices, 16-bit PNGs their values (which must fit the
@@ -26,21 +27,18 @@ mismatch, label ids outside ``[0, num_classes)`` other than 255).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
 
 from .. import errors
-from . import classes as class_lists
-from . import datasets
-from .datasets import DATASETS, DatasetInfo, Layout, register  # noqa: F401  (re-exported)
+from . import datasets, synthetic
+from .datasets import IGNORE_INDEX, DatasetInfo
 
-IGNORE_INDEX = 255
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
@@ -207,17 +205,20 @@ def image_size(path: str) -> tuple[int, int]:
   return img.shape[:2]
 
 
-def check_label_values(label: np.ndarray, num_classes: int, reduce_zero_label: bool, path: str) -> None:
+def check_label_values(
+  label: np.ndarray, num_classes: int, reduce_zero_label: bool, path: str, ignore_index: int = IGNORE_INDEX
+) -> None:
   """Raw ids must be in [0, C) (or [0, C] with reduce_zero_label, where 0
-  is 'other') or 255."""
+  is 'other') or the ignore index."""
   limit = num_classes + 1 if reduce_zero_label else num_classes
   counts = np.bincount(label.ravel(), minlength=256)
-  bad = np.flatnonzero(counts[limit:IGNORE_INDEX]) + limit
+  counts[ignore_index] = 0
+  bad = np.flatnonzero(counts[limit:]) + limit
   if bad.size:
     raise DataError(
       path,
       f'label ids {bad[:8].tolist()} are outside [0, {limit}) and not the ignore value '
-      f'{IGNORE_INDEX} (num_classes={num_classes}, reduce_zero_label={reduce_zero_label})',
+      f'{ignore_index} (num_classes={num_classes}, reduce_zero_label={reduce_zero_label})',
     )
 
 
@@ -240,6 +241,7 @@ class SegmentationFiles:
     reduce_zero_label: bool,
     name: str = 'custom',
     label_lut: np.ndarray | None = None,
+    ignore_index: int = IGNORE_INDEX,
   ):
     if len(image_paths) != len(label_paths):
       raise ValueError(f'{len(image_paths)} images but {len(label_paths)} labels')
@@ -249,6 +251,7 @@ class SegmentationFiles:
     self.reduce_zero_label = reduce_zero_label
     self.name = name
     self.label_lut = label_lut  # DatasetInfo.label_map as a table (raw id -> id)
+    self.ignore_index = ignore_index
 
   def __len__(self) -> int:
     return len(self.image_paths)
@@ -265,7 +268,7 @@ class SegmentationFiles:
       label = self.label_lut[label]
     if label.shape != image.shape[:2]:
       raise DataError(lbl_path, f'label size {label.shape} differs from image size {image.shape[:2]} of {img_path}')
-    check_label_values(label, self.num_classes, self.reduce_zero_label, lbl_path)
+    check_label_values(label, self.num_classes, self.reduce_zero_label, lbl_path, self.ignore_index)
     return {'image': image, 'label': label, 'index': index}
 
   def size(self, index: int) -> tuple[int, int]:
@@ -325,7 +328,7 @@ def paired_files(
   return images, labels
 
 
-# --------------------------------------------------------------- builders
+# ----------------------------------------------------------------- readers
 
 
 def _missing_data_hint(info: DatasetInfo, root: str) -> str:
@@ -340,13 +343,8 @@ def _missing_data_hint(info: DatasetInfo, root: str) -> str:
   return '\n'.join(lines)
 
 
-def layout_source(info: DatasetInfo, root: str, split: str = 'train') -> SegmentationFiles:
-  """The files of one split of a registered directory-layout dataset."""
-  paths = info.layout.paths(root, split, info.name)
-  try:
-    imgs, lbls = paired_files(**paths)
-  except DataError as e:  # missing or incomplete: say where the data should be and how to get it
-    raise DataError(e.path, e.problem + _missing_data_hint(info, root)) from None
+def _files(info: DatasetInfo, paths: dict) -> SegmentationFiles:
+  imgs, lbls = paired_files(**paths)
   return SegmentationFiles(
     imgs,
     lbls,
@@ -354,82 +352,50 @@ def layout_source(info: DatasetInfo, root: str, split: str = 'train') -> Segment
     reduce_zero_label=info.reduce_zero_label,
     name=info.name,
     label_lut=info.label_lut(),
+    ignore_index=info.ignore_index,
   )
+
+
+def layout_source(info: DatasetInfo, root: str, split: str = 'train') -> SegmentationFiles:
+  """The files of one split of a registered directory-layout dataset."""
+  try:
+    return _files(info, info.layout.paths(root, split, info.name))
+  except DataError as e:  # missing or incomplete: say where the data should be and how to get it
+    raise DataError(e.path, e.problem + _missing_data_hint(info, root)) from None
 
 
 def custom_source(
   img_dir: str,
   ann_dir: str,
   *,
-  num_classes: int | None = None,
-  class_names: Sequence[str] | None = None,
-  palette: np.ndarray | Sequence[Sequence[int]] | None = None,
   img_suffix: str = '.jpg',
   seg_map_suffix: str = '.png',
   split_file: str | None = None,
-  reduce_zero_label: bool = False,
-  label_map: dict[int, int] | None = None,
+  **info_kwargs,
 ) -> tuple[SegmentationFiles, DatasetInfo]:
   """Your own data: labels are single-channel (grey or palette) PNGs of class
-  ids (255 = ignore). Returns the source and its ``DatasetInfo``."""
-  info = custom_info(
-    num_classes=num_classes,
-    class_names=class_names,
-    palette=palette,
-    reduce_zero_label=reduce_zero_label,
-    label_map=label_map,
+  ids (the ignore index = ignore). `info_kwargs` are those of
+  `datasets.custom_info` (class names or count, palette, reduce_zero_label,
+  label_map). Returns the source and its ``DatasetInfo``."""
+  info = datasets.custom_info(**info_kwargs)
+  paths = dict(
+    img_dir=img_dir, ann_dir=ann_dir, img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, split_file=split_file
   )
-  imgs, lbls = paired_files(
-    img_dir, ann_dir, img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, split_file=split_file
-  )
-  src = SegmentationFiles(
-    imgs,
-    lbls,
-    num_classes=info.num_classes,
-    reduce_zero_label=reduce_zero_label,
-    name='custom',
-    label_lut=info.label_lut(),
-  )
-  return src, info
+  return _files(info, paths), info
 
 
-def custom_info(
-  *,
-  num_classes: int | None = None,
-  class_names: Sequence[str] | None = None,
-  palette: np.ndarray | Sequence[Sequence[int]] | None = None,
-  reduce_zero_label: bool = False,
-  label_map: dict[int, int] | None = None,
-) -> DatasetInfo:
-  """The ``DatasetInfo`` of a custom dataset from its class names or count."""
-  if class_names is not None:
-    class_names = tuple(class_names)
-    if num_classes is not None and num_classes != len(class_names):
-      raise errors.ConfigError(f'custom dataset: num_classes={num_classes} but {len(class_names)} class names')
-    num_classes = len(class_names)
-  if num_classes is None:
-    raise errors.ConfigError(
-      'custom datasets need class names or a class count (data.custom.class_names / num_classes)'
-    )
-  if not 1 <= num_classes <= 255:
-    raise errors.ConfigError(f'custom dataset: num_classes must be in [1, 255], got {num_classes}')
-  pal = None
-  if palette is not None:
-    pal = np.asarray(palette, dtype=np.uint8)
-    if pal.shape != (num_classes, 3):
-      raise errors.ConfigError(f'custom dataset: palette must have shape ({num_classes}, 3), got {pal.shape}')
-  base = datasets.DATASETS['custom']
-  return dataclasses.replace(
-    base,
-    num_classes=num_classes,
-    reduce_zero_label=bool(reduce_zero_label),
-    class_names=class_names or (),
-    palette=pal,
-    label_map=dict(label_map) if label_map else None,
-  )
+def _layout_reader(info: DatasetInfo, root: str | None, split: str, **kwargs):
+  if kwargs:
+    raise TypeError(f'unexpected arguments for {info.name!r}: {sorted(kwargs)}')
+  if info.layout is None:
+    raise errors.ConfigError(f'dataset {info.name!r} has no layout to read')
+  root = root or info.default_root
+  if root is None:
+    raise errors.ConfigError(f'dataset {info.name!r} needs a root (config.data.root)')
+  return layout_source(info, root, split), info
 
 
-def _custom_builder(
+def _custom_reader(
   info: DatasetInfo, root: str | None, split: str, *, img_dir: str, ann_dir: str, split_file=None, **kwargs
 ):
   """``custom`` from config fields: ``img_dir``/``ann_dir``/``split_file`` may
@@ -445,21 +411,14 @@ def _custom_builder(
   return custom_source(where(img_dir), where(ann_dir), split_file=where(split_file), **kwargs)
 
 
-def _synthetic_builder(info: DatasetInfo, root, split: str, **kwargs):
-  del root
-  from . import synthetic  # pylint: disable=import-outside-toplevel
-
+def _synthetic_reader(info: DatasetInfo, root, split: str, **kwargs):
+  del info, root
   src = synthetic.SyntheticSegmentation(split=split, **kwargs)
-  info = dataclasses.replace(
-    info,
-    num_classes=src.num_classes,
-    class_names=class_lists.synthetic_classes(src.num_classes),
-    palette=class_lists.palette('synthetic', src.num_classes),
-  )
-  return src, info
+  return src, datasets.synthetic_info(src.num_classes)
 
 
-def _tfds_builder(info: DatasetInfo, root, split: str, **kwargs):
+def _tfds_reader(info: DatasetInfo, root, split: str, **kwargs):
+  kwargs.setdefault('ignore_index', info.ignore_index)
   return TfdsSource(split, data_dir=root, **kwargs), info
 
 
@@ -484,10 +443,11 @@ class TfdsSource:
     label_channel: int = 0,
     num_classes: int = 150,
     reduce_zero_label: bool = True,
+    ignore_index: int = IGNORE_INDEX,
     download: bool = False,
   ):
     try:
-      import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+      import tensorflow_datasets as tfds  # the `tfds` extra, heavy: only this source needs it
     except ImportError as e:
       raise ImportError('the TFDS source needs tensorflow-datasets: pip install -e .[tfds]') from e
     if name == 'scene_parse150':  # TFDS calls ADE20K's validation images 'test'
@@ -496,6 +456,7 @@ class TfdsSource:
     self._where = f'tfds:{name}/{split}'
     self.image_key, self.label_key, self.label_channel = image_key, label_key, label_channel
     self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
+    self.ignore_index = ignore_index
 
   def __len__(self) -> int:
     return len(self._ds)
@@ -517,7 +478,7 @@ class TfdsSource:
     image = np.ascontiguousarray(rgb[..., ::-1])  # TFDS decodes RGB; the pipeline is BGR
     if label.shape != image.shape[:2]:
       raise DataError(where, f'label size {label.shape} differs from image size {image.shape[:2]}')
-    check_label_values(label, self.num_classes, self.reduce_zero_label, where)
+    check_label_values(label, self.num_classes, self.reduce_zero_label, where, self.ignore_index)
     return {'image': image, 'label': label, 'index': index}
 
 
@@ -530,37 +491,19 @@ def make_source(
   """Build a source by registered dataset name; returns ``(source, info)``.
 
   ``root`` defaults to the dataset's ``default_root`` (the mmseg location).
-  ``kwargs`` go to the dataset's builder: ``custom`` takes those of
-  ``custom_source`` (``img_dir``/``ann_dir`` relative to ``root``, with
-  ``{split}``); ``synthetic`` those of ``synthetic.SyntheticSegmentation``
-  (``split`` picks a disjoint seed range); ``tfds_ade20k`` those of
-  ``TfdsSource`` (``root`` = data_dir).
+  ``kwargs`` go to the reader of the entry's ``source`` kind: ``custom`` takes
+  those of ``custom_source`` (``img_dir``/``ann_dir`` relative to ``root``,
+  with ``{split}``); ``synthetic`` those of ``synthetic.SyntheticSegmentation``
+  (``split`` picks a disjoint seed range); ``tfds`` those of ``TfdsSource``
+  (``root`` = data_dir).
   """
   info = datasets.get(dataset)
-  if info.builder is not None:
-    return info.builder(info, root, split, **kwargs)
-  if kwargs:
-    raise TypeError(f'unexpected arguments for {dataset!r}: {sorted(kwargs)}')
-  if info.layout is None:
-    raise errors.ConfigError(f'dataset {dataset!r} has neither a layout nor a builder')
-  root = root or info.default_root
-  if root is None:
-    raise errors.ConfigError(f'dataset {dataset!r} needs a root (config.data.root)')
-  return layout_source(info, root, split), info
+  if info.source not in SOURCES:
+    raise errors.ConfigError(
+      f'dataset {dataset!r}: unknown source kind {info.source!r}; expected one of {sorted(SOURCES)}'
+    )
+  return SOURCES[info.source](info, root, split, **kwargs)
 
 
-register(DatasetInfo('custom', 1, False, builder=_custom_builder))
-register(
-  DatasetInfo(
-    'synthetic',
-    8,
-    False,
-    class_names=class_lists.synthetic_classes(8),
-    palette=class_lists.palette('synthetic', 8),
-    builder=_synthetic_builder,
-  )
-)
-register(
-  dataclasses.replace(datasets.DATASETS['ade20k'], name='tfds_ade20k', layout=None, builder=_tfds_builder),
-  'scene_parse150',
-)
+# DatasetInfo.source -> reader(info, root, split, **kwargs) -> (source, info).
+SOURCES = {'files': _layout_reader, 'custom': _custom_reader, 'synthetic': _synthetic_reader, 'tfds': _tfds_reader}

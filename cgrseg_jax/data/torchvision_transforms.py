@@ -26,7 +26,8 @@ import cv2
 import grain
 import numpy as np
 
-from cgrseg_jax.data.transforms import IGNORE_INDEX, Element, register
+from cgrseg_jax.data.datasets import IGNORE_INDEX
+from cgrseg_jax.data.transforms import Element, register
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale (R, G, B)
 

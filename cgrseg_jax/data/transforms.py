@@ -42,8 +42,8 @@ import grain
 import numpy as np
 
 from .. import errors
+from .datasets import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 Element = dict[str, Any]
 
 # ---------------------------------------------------------------- registry
@@ -53,13 +53,13 @@ TRANSFORMS: dict[str, type] = {}
 
 def register(cls: type | None = None, *, name: str | None = None):
   """Class decorator: make a transform available to config pipelines
-  (``data.train_pipeline`` / ``data.test_pipeline``) under its class name.
+  (``data.train_pipeline``) under its class name.
 
   A transform is a frozen dataclass deriving from ``grain.transforms.Map``
   (``map(element)``) or ``RandomMap`` (``random_map(element, rng)``; one draw
   drives image and label). Its class attribute ``from_data`` maps fields to
-  data-config values (``img_scale``, ``crop_size``, ``ignore_index``,
-  ``size_divisor``) used when the pipeline entry does not set them.
+  data-config values (``img_scale``, ``crop_size``, ``ignore_index``) used
+  when the pipeline entry does not set them.
   """
 
   def add(c: type) -> type:
@@ -109,14 +109,6 @@ def build_transform(entry, data: Mapping[str, Any] | None = None):
 def build_pipeline(entries: Sequence, data: Mapping[str, Any] | None = None) -> list:
   """A config pipeline (sequence of entries) -> transform objects."""
   return [build_transform(e, data) for e in entries]
-
-
-# mmseg's test pipeline after loading; normalisation runs on the device
-# (pipeline.normalize_image).
-DEFAULT_TEST_PIPELINE = (
-  ('Resize', {}),
-  ('PadToMultiple', {}),
-)
 
 
 # ---------------------------------------------------------------- geometry
@@ -173,10 +165,10 @@ class ReduceZeroLabel(grain.transforms.Map):
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  # uint8 arithmetic wraps 0 -> 255, and the original 255 -> 254 -> 255.
+  # mmseg's uint8 arithmetic: 0 -> 255 (ignore), k -> k - 1, and 255 stays 255.
   lut = (np.arange(256) - 1).astype(np.uint8)
   lut[0] = IGNORE_INDEX
-  lut[255] = IGNORE_INDEX
+  lut[IGNORE_INDEX] = IGNORE_INDEX
   return lut[label]
 
 
@@ -195,18 +187,10 @@ class RandomResize(grain.transforms.RandomMap):
     return resize_keep_ratio(element, scale)
 
 
-@register
-@dataclasses.dataclass(frozen=True)
-class Resize(grain.transforms.Map):
-  """Test-time keep-ratio resize of the image only (the metric uses the
-  original-size label)."""
-
-  from_data: ClassVar[dict[str, str]] = {'img_scale': 'img_scale'}
-
-  img_scale: tuple[int, int] = (2048, 512)
-
-  def map(self, element: Element) -> Element:
-    return resize_keep_ratio(element, self.img_scale, resize_label=False)
+def resize_image(image: np.ndarray, scale: Sequence[int]) -> np.ndarray:
+  """mmseg's test-time Resize (keep ratio) of an image alone (any channel
+  order); the metric uses the original-size label."""
+  return resize_keep_ratio({'image': image}, scale, resize_label=False)['image']
 
 
 def crop_bbox(rng: np.random.Generator, hw: Sequence[int], crop_size: Sequence[int]) -> tuple[int, int, int, int]:
@@ -420,25 +404,10 @@ class Pad(grain.transforms.Map):
     return pad_to_shape(element, self.size, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
 
 
-@register
-@dataclasses.dataclass(frozen=True)
-class PadToMultiple(grain.transforms.Map):
-  """mmseg test-time ``Pad(size_divisor=32)``: pad right/bottom to the next
-  multiple (image with 0; the label, if any, with ``seg_pad_val``)."""
+# ----------------------------------------------------- normalisation
 
-  size_divisor: int = 32
-  pad_val: int = 0
-  seg_pad_val: int = IGNORE_INDEX
-  from_data: ClassVar[dict[str, str]] = {'size_divisor': 'size_divisor', 'seg_pad_val': 'ignore_index'}
-
-  def map(self, element: Element) -> Element:
-    shape = size_to_multiple(element['image'].shape[:2], self.size_divisor)
-    return pad_to_shape(element, shape, pad_val=self.pad_val, seg_pad_val=self.seg_pad_val)
-
-
-# ----------------------------------------------------- host normalisation
-
-# mmseg's ImageNet statistics, RGB order.
+# mmseg's ImageNet statistics, RGB order: the one definition (the device-side
+# normalisation, the exporters and the benchmarks read them from here).
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
@@ -454,18 +423,6 @@ def normalize_table(mean=MEAN_RGB, std=STD_RGB) -> np.ndarray:
   values = np.arange(256, dtype=np.float32)[:, None]
   centred = values - np.asarray(mean, np.float64).astype(np.float32)[None, :]
   return (centred.astype(np.float64) / np.asarray(std, np.float64)[None, :]).astype(np.float32)
-
-
-def normalize_numpy(image_bgr: np.ndarray, mean=MEAN_RGB, std=STD_RGB, to_rgb: bool = True) -> np.ndarray:
-  """Host-side mmcv ``imnormalize`` (BGR -> RGB, (x - mean) / std), float32,
-  bit-identical to mmcv (see ``normalize_table``).
-
-  The pipeline normalises on the device instead (``normalize_image`` in
-  pipeline.py); this is for tools and tests that want the mmseg tensor.
-  """
-  img = image_bgr[..., ::-1] if to_rgb else image_bgr
-  table = normalize_table(mean, std)
-  return table[img.astype(np.intp), np.arange(table.shape[1])]
 
 
 def default_train_pipeline(
@@ -491,19 +448,3 @@ def default_train_pipeline(
 # added from the dataset, normalisation runs on the device:
 # pipeline.normalize_image).
 DEFAULT_TRAIN_PIPELINE = default_train_pipeline()
-
-
-def train_transforms(
-  *,
-  crop_size: tuple[int, int] = (512, 512),
-  img_scale: tuple[int, int] = (2048, 512),
-  reduce_zero_label: bool = False,
-  ignore_index: int = IGNORE_INDEX,
-  **options,
-) -> list[grain.transforms.Map | grain.transforms.RandomMap]:
-  """The mmseg 0.27 training pipeline after loading (without Normalize,
-  which runs on the device) as transform objects; ``options`` as in
-  ``default_train_pipeline``."""
-  data = {'crop_size': crop_size, 'img_scale': img_scale, 'ignore_index': ignore_index}
-  ops = build_pipeline(default_train_pipeline(**options), data)
-  return ([ReduceZeroLabel()] if reduce_zero_label else []) + ops

@@ -10,7 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cgrseg_jax.models import efficientformer_v2, layers, registry, resize
+from cgrseg_jax import errors
+from cgrseg_jax.models import efficientformer_v2, key_layout, layers, registry, resize
 from cgrseg_jax.models.dpg_head import DPGHead, spatial_gather
 from cgrseg_jax.models.layers import ConvBN, conv, dropout2d, hard_sigmoid
 from cgrseg_jax.models.rcm import RCM
@@ -178,10 +179,10 @@ def _torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return backbone
   if re.search(r'channel_mul_conv\.1\.(weight|bias)$', key):  # LayerNorm([C, 1, 1]) in the DPG head
     return tuple(flax_shape) + (1, 1)
-  return registry.default_torch_shape(key, flax_shape)
+  return key_layout.default_torch_shape(key, flax_shape)
 
 
-KEY_LAYOUT = registry.KeyLayout(
+KEY_LAYOUT = key_layout.KeyLayout(
   list_modules=efficientformer_v2.LIST_MODULES + ('transformer_blocks', 'SIM', 'meta', 'conv'),
   torch_shape=_torch_shape,
   skip_suffixes=efficientformer_v2.BUFFER_SUFFIXES,
@@ -198,12 +199,10 @@ def _backbone_state(state):
 
 def detect(state) -> tuple[str, int]:
   """(model name, num_classes) of an mmseg CGRSeg state dict, read off its shapes."""
-  from cgrseg_jax.errors import ConversionError
-
   needed = ('decode_head.conv_seg.weight', 'decode_head.meta.0.token_mixer.excite.0.weight')
   missing = [k for k in needed if k not in state]
   if missing:
-    raise ConversionError(f'not a CGRSeg checkpoint: key {missing[0]!r} is missing')
+    raise errors.ConversionError(f'not a CGRSeg checkpoint: key {missing[0]!r} is missing')
   backbone = efficientformer_v2.detect_size(_backbone_state(state))
   num_classes, channels = state['decode_head.conv_seg.weight'].shape[:2]
   band = state['decode_head.meta.0.token_mixer.excite.0.weight'].shape[-1]
@@ -212,7 +211,7 @@ def detect(state) -> tuple[str, int]:
   for name, cfg in VARIANTS.items():
     if all(cfg[k] == v for k, v in found.items()):
       return f'cgrseg_{name}', int(num_classes)
-  raise ConversionError(f'checkpoint matches no CGRSeg variant: found {found}; known variants {VARIANTS}')
+  raise errors.ConversionError(f'checkpoint matches no CGRSeg variant: found {found}; known variants {VARIANTS}')
 
 
 def detect_backbone(state) -> list[str]:
@@ -225,10 +224,8 @@ def load_backbone(state, template):
   """Fill the `backbone` part of `template` from an ImageNet checkpoint
   (upstream `init_cfg=Pretrained`: non-strict, classifier skipped,
   `attention_biases_seg` absent there and started at zero)."""
-  from cgrseg_jax import convert
-
   part = {c: {'backbone': t['backbone']} for c, t in template.items()}
-  return convert.fill_from_state_dict(
+  return key_layout.fill_from_state_dict(
     _backbone_state(state),
     part,
     KEY_LAYOUT,
@@ -240,7 +237,7 @@ def load_backbone(state, template):
 
 
 def _torch_reference(name: str, num_classes: int):
-  from cgrseg_jax.torch_reference import cgrseg as reference
+  from cgrseg_jax.torch_reference import cgrseg as reference  # needs PyTorch (the `torch` extra)
 
   return reference.build_torch_segmentor(FAMILY.variants[name]['variant'], num_classes)
 
@@ -260,7 +257,9 @@ FAMILY = registry.register(
     loss_stride=8,
     detect_backbone=detect_backbone,
     load_backbone=load_backbone,
-    recipe={},  # configs/default.py is the CGRSeg recipe
+    # AdamW with mmcv's custom_keys (optim.OPTIMIZERS['adamw_mmcv']) and mmseg's cross-entropy
+    # (losses.LOSSES['cross_entropy']); the numbers are configs/default.py's.
+    recipe={'optimizer.name': 'adamw_mmcv', 'loss': 'cross_entropy'},
     torch_reference=_torch_reference,
     build_options=('drop_path_rate', 'depthwise'),
   )

@@ -8,8 +8,8 @@ align_corners=True. Logits come out at 8x the stride-8 size, which is the input
 size for inputs that are multiples of 8; otherwise (upstream returns the larger
 map) they are cropped to the input size, which keeps pixel (i, j) where it is.
 
-Conversion is the registry's generic walk (`cgrseg_jax/convert.py`, through
-`cgrseg_jax/loader.py`) with `KEY_LAYOUT`: Flax `<list>_<i>` <-> PyTorch
+Conversion is the generic walk (`models/key_layout.py`, through `cgrseg_jax/convert.py`
+and `cgrseg_jax/loader.py`) with `KEY_LAYOUT`: Flax `<list>_<i>` <-> PyTorch
 `<list>.<i>`, 4-D kernels HWIO <-> OIHW, the context block's Conv1d kernels
 (O, I) <-> (O, I, 1).
 """
@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cgrseg_jax import errors
-from cgrseg_jax.models import registry
+from cgrseg_jax.models import key_layout, registry
 from cgrseg_jax.models.cfc import ContextBlock, conv_bn_relu
 from cgrseg_jax.models.layers import conv
 from cgrseg_jax.models.resnet import DEPTHS, ResNet
@@ -127,14 +126,14 @@ def _torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   """The context block's Conv1d kernels are (O, I) here, (O, I, 1) in PyTorch."""
   if key.endswith(CONV1D_WEIGHTS):
     return tuple(flax_shape) + (1,)
-  return registry.default_torch_shape(key, flax_shape)
+  return key_layout.default_torch_shape(key, flax_shape)
 
 
 CONV1D_WEIGHTS = ('key_conv.weight', 'value_conv.weight')  # suffixes: the block alone or in the model
 
 # Flax `<name>_<i>` is element i of the PyTorch nn.Sequential `<name>`; the rest
 # (leaf names, HWIO <-> OIHW, num_batches_tracked) is the registry's default.
-KEY_LAYOUT = registry.KeyLayout(
+KEY_LAYOUT = key_layout.KeyLayout(
   list_modules=('conv1', 'layer1', 'layer2', 'layer3', 'layer4'), torch_shape=_torch_shape
 )
 BACKBONE_PREFIX = 'resnet.'  # the ImageNet checkpoint's keys live under this prefix in the model
@@ -171,10 +170,8 @@ def detect_backbone(state: Mapping[str, Any]) -> list[str]:
 def load_backbone(state: Mapping[str, Any], template: Mapping[str, Any]):
   """Fill the `resnet` part of `template` from the ImageNet checkpoint (conv1.0/.1/.3/.4/.6,
   bn1, layerN.M.*; the classifier fc.* reported as skipped) -> (variables, LoadReport)."""
-  from cgrseg_jax import convert
-
   part = {c: {'resnet': t['resnet']} for c, t in template.items()}
-  return convert.fill_from_state_dict(
+  return key_layout.fill_from_state_dict(
     state,
     part,
     KEY_LAYOUT,
@@ -191,7 +188,7 @@ UPSTREAM_FROZEN = (('cfc', 'key_conv', 'kernel'), ('cfc', 'value_conv', 'kernel'
 
 
 def _torch_reference(name: str, num_classes: int):
-  from cgrseg_jax.torch_reference import csfcn as reference
+  from cgrseg_jax.torch_reference import csfcn as reference  # needs PyTorch (the `torch` extra)
 
   return reference.build_torch_csfcn(name, num_classes)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cgrseg_jax import errors
 from cgrseg_jax.models import resize
 from cgrseg_jax.models.layers import BatchNorm, ConvBN, DropPath, conv, gelu, trunc_normal_02
 
@@ -450,15 +451,13 @@ def torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...] | None
 
 def check_buffer(key: str, table: np.ndarray):
   """An `attention_bias_idxs_seg` table must be the one this model computes."""
-  from cgrseg_jax.errors import ConversionError
-
   if not key.endswith('attention_bias_idxs_seg'):
     return
   n_query, n_key = table.shape
   resolution = math.isqrt(n_key)
   ours, _ = attention_bias_index(resolution, downsample=n_query != n_key)
   if ours.shape != table.shape or not np.array_equal(ours, table):
-    raise ConversionError(
+    raise errors.ConversionError(
       f'{key}: attention bias index table {table.shape} differs from the one this model '
       f'computes for resolution {resolution}'
     )
@@ -484,15 +483,13 @@ def extra_buffers(key: str, collection: str, path: tuple[str, ...], leaf) -> dic
 
 def detect_size(state) -> str:
   """EfficientFormerV2 size ('s0', 's1', 's2', 'l') of a backbone state dict (no prefix)."""
-  from cgrseg_jax.errors import ConversionError
-
   depths = tuple(len({k.split('.')[2] for k in state if k.startswith(f'network.{2 * i}.')}) for i in range(4))
   key = 'network.{}.0.mlp.fc2.weight'
   missing = [key.format(2 * i) for i in range(4) if key.format(2 * i) not in state]
   if missing:
-    raise ConversionError(f'not an EfficientFormerV2 state dict: key {missing[0]!r} is missing')
+    raise errors.ConversionError(f'not an EfficientFormerV2 state dict: key {missing[0]!r} is missing')
   widths = tuple(int(state[key.format(2 * i)].shape[0]) for i in range(4))
   for name, cfg in BACKBONES.items():
     if tuple(cfg['widths']) == widths and tuple(cfg['depths']) == depths:
       return name
-  raise ConversionError(f'unknown EfficientFormerV2 size: widths {widths}, depths {depths}')
+  raise errors.ConversionError(f'unknown EfficientFormerV2 size: widths {widths}, depths {depths}')

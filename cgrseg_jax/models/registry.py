@@ -2,7 +2,8 @@
 
 A family module declares, next to its model, one `ModelFamily` (its variants,
 how to build them, which logits the loss reads, its PyTorch key layout, how to
-recognise its checkpoints, recipe defaults) and calls `register(family)`. The
+recognise its checkpoints, its optimizer and loss) and calls `register(family)`;
+the package's own families register when `cgrseg_jax.models` is imported. The
 rest of the package (training, conversion, loading, inference, scripts) only
 talks to families through this module, so a new family (or a test's toy
 family) needs no change elsewhere.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -22,63 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from cgrseg_jax import errors
+from cgrseg_jax.models.key_layout import KeyLayout
 
-# Flax leaf name -> PyTorch leaf name, the same for every family (Flax's nn.Conv,
-# nn.BatchNorm, nn.LayerNorm against torch's Conv2d, BatchNorm2d, LayerNorm).
-FLAX_LEAF_NAMES = {
-  ('params', 'kernel'): 'weight',
-  ('params', 'scale'): 'weight',
-  ('batch_stats', 'mean'): 'running_mean',
-  ('batch_stats', 'var'): 'running_var',
-}
-
-
-def default_torch_shape(key: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """4-D conv kernels are OIHW in PyTorch (HWIO in Flax); the rest keep their shape."""
-  del key
-  if len(flax_shape) == 4:
-    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
-  return tuple(flax_shape)
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyLayout:
-  """How a Flax variable path maps to a PyTorch state-dict key, and back.
-
-  A module named `<list>_<i>` with `<list>` in `list_modules` is element i of
-  a PyTorch ModuleList/Sequential; leaves are renamed by `leaf_names`; a
-  PyTorch shape is `torch_shape(key, flax_shape)` (a 4-D array is always a conv
-  kernel, transposed HWIO <-> OIHW; other shape changes are reshapes).
-  """
-
-  list_modules: tuple[str, ...] = ()
-  leaf_names: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=lambda: dict(FLAX_LEAF_NAMES))
-  torch_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = default_torch_shape
-  # Checkpoint keys with no Flax variable (buffers), skipped on load. BN's
-  # num_batches_tracked is added on export by the converter for every family.
-  skip_suffixes: tuple[str, ...] = ('num_batches_tracked',)
-  # check_buffer(key, array): raise ConversionError if a skipped buffer
-  # disagrees with what the model computes (e.g. index tables).
-  check_buffer: Optional[Callable[[str, Any], None]] = None
-  # extra_buffers(key, collection, path, leaf) -> {key: array}: buffers the
-  # upstream module keeps next to this variable, written on export.
-  extra_buffers: Optional[Callable[[str, str, tuple[str, ...], Any], Mapping[str, Any]]] = None
-
-  def torch_key(self, collection: str, path: tuple[str, ...]) -> str:
-    """('params', ('backbone', 'network_0', '0', 'mlp', 'fc1', 'kernel')) -> 'backbone.network.0.0.mlp.fc1.weight'."""
-    parts = []
-    for p in path[:-1]:
-      m = self._list_re.match(p)
-      parts.extend([m.group(1), m.group(2)] if m else [p])
-    parts.append(self.leaf_names.get((collection, path[-1]), path[-1]))
-    return '.'.join(parts)
-
-  @functools.cached_property
-  def _list_re(self):
-    return re.compile(r'^(%s)_(\d+)$' % '|'.join(map(re.escape, self.list_modules))) if self.list_modules else _NEVER
-
-
-_NEVER = re.compile(r'(?!)')
+# What every family's `recipe` names: the training recipe pieces a config may leave unset.
+RECIPE_FIELDS = ('optimizer.name', 'loss')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +56,8 @@ class ModelFamily:
   # Parameter paths upstream never trains (its optimizer never sees them), frozen
   # when `config.optimizer.upstream_frozen` is set.
   upstream_frozen: tuple[tuple[str, ...], ...] = ()
-  # Training recipe defaults where they differ from configs/default.py, as
-  # config overrides, e.g. {'optimizer.custom_keys': {...}, 'loss': 'ce'}.
+  # Training recipe: the value of each of `RECIPE_FIELDS` for a config that leaves
+  # it unset (`recipe_value`), e.g. {'optimizer.name': 'sgd', 'loss': 'ohem'}.
   recipe: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   # torch_reference(name, num_classes) -> the project's own PyTorch model with the
   # upstream key layout (cgrseg_jax/torch_reference/, `torch` extra), for parity
@@ -142,6 +89,9 @@ _MODELS: dict[str, ModelFamily] = {}
 
 def register(family: ModelFamily, replace: bool = False) -> ModelFamily:
   """Make `family`'s model names available to `build_model` and the loaders."""
+  missing = [f for f in RECIPE_FIELDS if f not in family.recipe]
+  if missing:
+    raise ValueError(f'model family {family.name!r}: its recipe names no {missing} (needed: {RECIPE_FIELDS})')
   if not replace:
     taken = [n for n in family.variants if n in _MODELS and _MODELS[n].name != family.name]
     if family.name in _FAMILIES or taken:
@@ -166,18 +116,15 @@ def unregister(name: str):
 
 
 def families() -> list[ModelFamily]:
-  _load_builtin()
   return list(_FAMILIES.values())
 
 
 def model_names() -> list[str]:
-  _load_builtin()
   return sorted(_MODELS)
 
 
 def family_of(name: str) -> ModelFamily:
   """The family of a registered model name."""
-  _load_builtin()
   if name not in _MODELS:
     raise errors.ConfigError(f'unknown model {name!r}; registered models: {", ".join(sorted(_MODELS))}')
   return _MODELS[name]
@@ -187,7 +134,6 @@ def resolve(name_or_variant: str, family: Optional[str] = None) -> str:
   """A registered model name from itself or from its short form within one
   family ('t' -> 'cgrseg_t'; 'tiny' -> 'cgrseg_tiny' with family='cgrseg');
   ambiguous or unknown short forms are errors."""
-  _load_builtin()
   if name_or_variant in _MODELS:
     return name_or_variant
   if family is not None and f'{family}_{name_or_variant}' in _MODELS:
@@ -233,9 +179,9 @@ def param_names(params: Any, name: str) -> Any:
   )
 
 
-def recipe_value(config, field: str, default: Any) -> Any:
-  """A recipe piece (e.g. 'optimizer', 'loss'): the config's choice if set,
-  else the model family's default, else `default`."""
+def recipe_value(config, field: str) -> Any:
+  """A recipe piece (one of `RECIPE_FIELDS`): the config's choice if set, else
+  the model family's."""
   section = config
   *parents, leaf = field.split('.')
   for p in parents:
@@ -243,9 +189,4 @@ def recipe_value(config, field: str, default: Any) -> Any:
   value = section.get(leaf) if section is not None else None
   if value is not None:
     return value
-  return family_of(config.model.name).recipe.get(field, default)
-
-
-def _load_builtin():
-  # The package's own families register on import of their modules.
-  from cgrseg_jax.models import cgrseg, csfcn  # noqa: F401
+  return family_of(config.model.name).recipe[field]

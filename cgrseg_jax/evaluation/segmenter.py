@@ -1,0 +1,147 @@
+"""The 'segmenter' evaluator: test-time augmentation or slide inference (mmseg
+0.27 `aug_test` / `slide_inference`), through `inference.Segmenter`.
+
+Multi-scale/flip TTA needs the original image (every view is resized from
+it) and the softmax maps averaged at the original size, so this evaluator
+reads the validation records itself and lets the segmenter run the test
+pipeline; only per-class areas are kept. It evaluates the same images, split
+over processes the same way, as the bucketed evaluator
+(`data.input_pipeline.eval_data`).
+
+Config (`config.eval`; `eval.evaluator='auto'` picks this one when TTA or
+slide is asked for):
+
+  eval.mode = 'whole' | 'slide'; eval.crop_size, eval.stride (slide windows)
+  eval.tta.scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)   # ratios of data.img_scale; () = off
+  eval.tta.flip = True
+
+  python main.py --mode=eval --config=configs/ade20k_t.py --config.init=cgrseg_t.pth \\
+      --config.eval.tta.scales=0.5,0.75,1.0,1.25,1.5,1.75 --config.eval.tta.flip=True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from cgrseg_jax.data import input_pipeline
+from cgrseg_jax.data import transforms as T
+from cgrseg_jax.evaluation import metric
+from cgrseg_jax.inference import Segmenter
+
+log = logging.getLogger(__name__)
+
+
+def options(config) -> dict:
+  """Segmenter options from `config.eval`: mode, slide windows and TTA (None: off)."""
+  ev = config.eval
+  raw = ev.tta.scales or ()
+  scales = (float(raw),) if isinstance(raw, (int, float)) else tuple(float(s) for s in raw)
+  flip = bool(ev.tta.flip)
+  return dict(
+    mode=ev.mode,
+    crop_size=tuple(ev.crop_size),
+    stride=tuple(ev.stride),
+    tta=dict(scales=scales or (1.0,), flip=flip) if (scales or flip) else None,
+  )
+
+
+def needed(config) -> bool:
+  """Whether `config.eval` asks for what only this evaluator does (TTA or slide)."""
+  o = options(config)
+  return o['mode'] != 'whole' or o['tta'] is not None
+
+
+def evaluate_segmenter(
+  segmenter,
+  source,
+  *,
+  num_classes: int,
+  reduce_zero_label: bool,
+  ignore_index: int,
+  tta=None,
+  mode: Optional[str] = None,
+  class_names: Optional[Sequence[str]] = None,
+  batch_size: int = 1,
+  indices: Optional[Sequence[int]] = None,
+  progress: Optional[Callable[[int], None]] = None,
+) -> dict:
+  """mmseg metrics of `segmenter` over `source` records ({'image': BGR uint8,
+  'label': uint8}); `indices` restricts to a subset (e.g. this process's share)."""
+  indices = range(len(source)) if indices is None else indices
+  total = np.zeros((4, num_classes), np.int64)
+  t0, done = time.time(), 0
+  chunk: list[Any] = []
+
+  def flush():
+    nonlocal total, done
+    preds = segmenter.predict_batch([np.ascontiguousarray(r['image'][..., ::-1]) for r in chunk], tta=tta, mode=mode)
+    for rec, pred in zip(chunk, preds):
+      label = T.reduce_zero_label(rec['label']) if reduce_zero_label else rec['label']
+      if label.shape != pred.shape:
+        raise ValueError(f'label of size {label.shape} for an image of size {pred.shape}')
+      total += np.asarray(metric.area_counts(pred, label, num_classes, ignore_index), np.int64)
+    done += len(chunk)
+    chunk.clear()
+    if progress is not None:
+      progress(done)
+
+  for i in indices:
+    chunk.append(source[i])
+    if len(chunk) == batch_size:
+      flush()
+  if chunk:
+    flush()
+  metrics = metric.metrics_from_areas(total, class_names)
+  metrics.update(eval_seconds=time.time() - t0, eval_images=done, areas=total.tolist())
+  return metrics
+
+
+class SegmenterEvaluator:
+  """TTA / slide evaluation on this process's share of the validation split
+  (`input_pipeline.eval_data`); areas summed over processes."""
+
+  def __init__(self, config, model, mesh):
+    del mesh  # per-image inference on the local devices
+    self.config, self.model = config, model
+    self.options = options(config)
+    self.data = input_pipeline.eval_data(config)
+
+  def __call__(self, variables) -> dict:
+    d, options, info = self.config.data, self.options, self.data.info
+    names = info.class_names or None
+    seg = Segmenter(
+      self.model,
+      variables,
+      dataset=d.dataset,
+      img_scale=tuple(d.img_scale),
+      size_divisor=d.size_divisor,
+      mode=options['mode'],
+      crop_size=options['crop_size'],
+      stride=options['stride'],
+      class_names=names,
+      palette=info.palette,
+    )
+    log.info('evaluating %d images with %s inference, TTA %s', len(self.data.indices), options['mode'], options['tta'])
+    metrics = evaluate_segmenter(
+      seg,
+      self.data.source,
+      num_classes=self.config.model.num_classes,
+      reduce_zero_label=info.reduce_zero_label,
+      ignore_index=info.ignore_index,
+      tta=options['tta'],
+      class_names=names,
+      indices=self.data.indices,
+    )
+    areas = np.asarray(metrics.pop('areas'), np.int64)
+    if jax.process_count() > 1:
+      areas = np.asarray(multihost_utils.process_allgather(areas)).sum(0)
+      seconds = metrics['eval_seconds']
+      metrics = metric.metrics_from_areas(areas, names)
+      metrics.update(eval_seconds=seconds, eval_images=self.data.num_samples)
+    return metrics

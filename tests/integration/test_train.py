@@ -1,0 +1,126 @@
+"""Training loop: resume after SIGTERM, half-written checkpoints, NaN stop,
+and the ADE20K-layout end-to-end run of main.py (sharding: test_multihost.py)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cgrseg_jax import train
+from cgrseg_jax.data.synthetic import SyntheticSegmentation
+from train_config import tiny_config
+
+from paths import TESTS_DIR
+
+REPO = os.path.dirname(TESTS_DIR)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The resume test compiles the same step 3 times: cache it on disk."""
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  yield
+  jax.config.update('jax_compilation_cache_dir', None)
+
+
+def _params(result):
+  return jax.tree_util.tree_leaves(jax.device_get(result['state'].params))
+
+
+def test_resume_after_sigterm_is_identical_to_a_straight_run(tmp_path):
+  config = tiny_config(total_steps=6, eval_every=-1, batch_size=2)
+  straight_batches = []
+  straight = train.train_and_evaluate(
+    config, str(tmp_path / 'a'), on_step=lambda s, b: straight_batches.append(b['index'].tolist())
+  )
+  assert straight['step'] == 6 and straight['status'] == 'done'
+
+  first = []
+
+  def preempt_at_3(step, batch):
+    first.append(batch['index'].tolist())
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # a real SIGTERM through the handler
+
+  r1 = train.train_and_evaluate(config, str(tmp_path / 'b'), on_step=preempt_at_3)
+  assert (r1['status'], r1['step']) == ('preempted', 3)
+  ckpt = tmp_path / 'b' / 'checkpoints'
+  assert sorted(os.listdir(ckpt)) == ['3']
+  # A half-written step (orbax's temporary name) must not be resumed from.
+  (ckpt / '5.orbax-checkpoint-tmp-1234').mkdir()
+  (ckpt / '5.orbax-checkpoint-tmp-1234' / 'junk').write_text('partial')
+
+  second = []
+  r2 = train.train_and_evaluate(config, str(tmp_path / 'b'), on_step=lambda s, b: second.append(b['index'].tolist()))
+  assert (r2['status'], r2['step']) == ('done', 6)
+  assert first + second == straight_batches
+  for a, b in zip(_params(straight), _params(r2)):
+    np.testing.assert_array_equal(a, b)
+  lines = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
+  assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5, 6]
+  assert os.path.isfile(tmp_path / 'b' / 'config.json')
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'b' / 'tb'))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  # lr 1e38: the first update overflows the parameters, the second loss is not finite.
+  config = tiny_config(total_steps=4, eval_every=-1, batch_size=2, checkpoint_every=1, **{'optimizer.lr': 1e38})
+  with pytest.raises(FloatingPointError, match='at step 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+
+
+def test_ade20k_layout_end_to_end(tmp_path):
+  """main.py with configs/ade20k_t.py on synthetic data written as ADEChallengeData2016."""
+  root = tmp_path / 'ADEChallengeData2016'
+  for split, n in (('train', 4), ('val', 2)):
+    SyntheticSegmentation(num_samples=n, num_classes=6, image_size=(64, 96), split=split).write_ade20k_layout(str(root))
+  work = tmp_path / 'work'
+  flags = [
+    f'--config.data.root={root}',
+    '--config.model.name=cgrseg_tiny',
+    '--config.batch_size=2',
+    '--config.total_steps=2',
+    '--config.data.crop_size=(64,64)',
+    '--config.data.img_scale=(96,64)',
+    '--config.data.workers=0',
+    '--config.eval_batch_size=2',
+    '--config.log_every=1',
+    '--config.eval_every=0',
+    '--config.checkpoint_every=0',
+    '--config.schedule.warmup_steps=1',
+  ]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  run = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}', *flags],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert run.returncode == 0, run.stderr[-4000:]
+  records = [json.loads(l) for l in open(work / 'metrics.jsonl')]
+  val = [r for r in records if r['split'] == 'val']
+  assert len(val) == 1 and val[0]['step'] == 2
+  assert len(val[0]['per_class']) == 150 and 'wall' in val[0]['per_class']
+  assert 0.0 <= val[0]['aAcc'] <= 1.0
+  assert os.path.isdir(work / 'checkpoints' / '2')
+  assert 'Summary: aAcc' in run.stderr
+
+  # A typo in a config override is an error (locked config).
+  bad = subprocess.run(
+    [sys.executable, 'main.py', '--config=configs/ade20k_t.py', f'--workdir={work}', '--config.optimizer.lrr=1'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert bad.returncode != 0 and 'lrr' in bad.stderr
