@@ -189,7 +189,10 @@ def for_model(name: str, num_classes: int) -> DatasetInfo:
 def synthetic_info(num_classes: int) -> DatasetInfo:
   """The ``synthetic`` entry with ``num_classes`` classes (the count is a setting)."""
   return dataclasses.replace(
-    DATASETS['synthetic'], num_classes=num_classes, class_names=class_lists.synthetic_classes(num_classes)
+    DATASETS['synthetic'],
+    num_classes=num_classes,
+    class_names=class_lists.synthetic_classes(num_classes),
+    palette=None,  # generated for the count
   )
 
 

@@ -132,6 +132,8 @@ def test_for_model_keeps_the_entry_or_generates_names_for_another_class_count():
   assert other.class_names == tuple(f'class_{i}' for i in range(19)) and other.palette.shape == (19, 3)
   assert (other.img_scale, other.ignore_index) == (datasets.get('ade20k').img_scale, 255)
   assert datasets.for_model('synthetic', 3).class_names == ('background', 'shape_1', 'shape_2')
+  assert datasets.for_model('synthetic', 3).palette.shape == (3, 3)
+  assert datasets.synthetic_info(12).palette.shape == (12, 3)
   with pytest.raises(errors.ConfigError, match="unknown dataset 'nope'"):
     datasets.for_model('nope', 3)
   # every registered source kind has a reader
