@@ -84,6 +84,8 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
     if not FLAGS.verbose:  # orbax logs a failed background write with its traceback; the error says it in one line
       logging.getLogger(noisy).addFilter(_drop_traceback)
+  if FLAGS.verbose:  # also what the abandoned reads of a damaged checkpoint report (checkpointing.py)
+    logging.getLogger('cgrseg_jax.checkpointing').setLevel(logging.DEBUG)
 
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('workdir: %s', workdir)

@@ -20,7 +20,10 @@ leaves only trash, never a half-deleted step among the kept ones.
 Damage after the commit (a truncated or lost file, broken metadata) is found
 when restoring: `RunCheckpoints.restore_latest` falls back to the next older
 step, and renames the damaged ones to `<step>.damaged-<reason>` (kept for
-inspection, invisible to orbax's step listing and retention).
+inspection, invisible to orbax's step listing and retention). It says so in one
+warning line; the thousands of reports the abandoned reads of that step leave
+behind (see `_quiet_abandoned_reads`) are dropped unless the checkpointing
+logger is at DEBUG (main.py --verbose).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from typing import Any, Mapping, Optional
 
 import grain
@@ -122,6 +126,63 @@ def _reason_slug(e: BaseException) -> str:
   return 'unreadable'
 
 
+_READ_ERROR = 'Encountered error while reading array index'
+_quiet = {'installed': False, 'dropped': 0}
+
+
+def _abandoned_read(exc: Optional[BaseException], obj: Any = None) -> bool:
+  """An error of orbax's reads of a step that failed to restore: a coroutine of its
+  serialization module, a TensorStore read error, or a callback into the event
+  loop orbax has closed since."""
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  code = getattr(obj, 'cr_code', None)
+  if code is not None and 'orbax' in code.co_filename:
+    return True
+  return exc is not None and any(_READ_ERROR in str(x) for x in _chain(exc))
+
+
+class _DropAbandonedReads(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if 'exception was never retrieved' in record.getMessage() and (
+      exc is None or _abandoned_read(exc) or _READ_ERROR in record.getMessage()
+    ):
+      return _keep()
+    return True
+
+
+def _keep() -> bool:
+  """Whether to show a dropped report after all (the checkpointing logger at DEBUG)."""
+  if log.isEnabledFor(logging.DEBUG):
+    return True
+  _quiet['dropped'] += 1
+  return False
+
+
+def _quiet_abandoned_reads() -> None:
+  """After a step fails to restore, orbax's other reads of it are abandoned. Each
+  ends in an error Python reports on its own: a coroutine finalised with its read
+  error (an unraisable exception with a TensorStore spec dump), a TensorStore
+  callback into the closed event loop ('Event loop is closed'), a gathered future
+  asyncio logs as never retrieved. A damaged 30 MB step printed 88,000 lines of
+  them after the one warning that says what happened. Drop exactly those, for
+  the rest of the process (they arrive as the abandoned reads are collected),
+  and pass everything else on."""
+  if _quiet['installed']:
+    return
+  _quiet['installed'] = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if _abandoned_read(unraisable.exc_value, unraisable.object) and not _keep():
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger('asyncio').addFilter(_DropAbandonedReads())
+
+
 def _short(e: BaseException, limit: int = 300) -> str:
   """The root cause's message on one line (orbax's wrappers repeat the TensorStore spec)."""
   root = _chain(e)[-1]
@@ -190,6 +251,7 @@ class RunCheckpoints:
           return state, step
         reason = _short(why) if why is not None else 'another process could not restore it'
         slug = _reason_slug(why) if why is not None else 'other-process'
+        _quiet_abandoned_reads()
         log.warning('checkpoint %s cannot be restored (%s); trying the previous one', step_dir, reason)
         failed.append((step, slug, reason))
     finally:

@@ -83,6 +83,10 @@ def get_config(dataset: str = 'ade20k'):
   # Depthwise-conv implementation: 'auto' (shifted sums on CPU, XLA's grouped
   # convolution on GPU/TPU), 'shifts' or 'xla'; same numbers, different speed.
   c.model.depthwise = 'auto'
+  # How the backbone's BatchNorms train (CGRSeg): None = the model's default,
+  # 'frozen' as upstream (its EfficientFormer keeps them in eval mode: running
+  # statistics, never updated; scale and bias learn), or 'batch' (SyncBN, as the head).
+  c.model.backbone_bn = config_dict.placeholder(str)
   c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
 
   # ---- initialisation: 'scratch', or anything cgrseg_jax/loader.py reads: an

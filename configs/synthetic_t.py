@@ -17,6 +17,11 @@ def get_config():
   c.data.train_pipeline = transforms.default_train_pipeline(ratio_range=(0.75, 1.5))
   c.data.crop_size = (128, 128)
   c.model.name = 'cgrseg_t'
+  # From scratch there are no ImageNet statistics for the backbone's BNs to keep:
+  # they learn batch statistics here (upstream's rule, 'frozen', fine-tunes a
+  # pretrained backbone; frozen at their initial 0 / 1 they reach mIoU 0.74 in
+  # 750 steps instead of 0.8 in 500).
+  c.model.backbone_bn = 'batch'
   c.batch_size = 8
   c.eval_batch_size = 10
   c.total_steps = 750

@@ -12,7 +12,10 @@ scripts/convert_dataset.py; each converter returns a ``Summary``.
   classes) -> ``SegmentationClassContext/*.png`` (0 = background, 1..59) and
   the split files ``ImageSets/SegmentationContext/{train,val}.txt``.
 * Cityscapes: ``*_gtFine_polygons.json`` -> ``*_gtFine_labelTrainIds.png``,
-  rasterised with OpenCV after the cityscapesscripts label table.
+  drawn as cityscapesscripts' ``json2labelImg(..., 'trainIds')`` draws them
+  (what mmseg's ``tools/convert_datasets/cityscapes.py`` runs): Pillow's
+  ``ImageDraw.polygon`` on an 'L' image, with its label table (Pillow: the
+  ``cityscapes`` extra).
 
 Unlabelled pixels get the dataset entry's ignore index (datasets.py).
 """
@@ -307,13 +310,22 @@ def cityscapes_labels() -> dict[str, tuple[int, int]]:
 
 
 def cityscapes_polygons_to_train_ids(annotation: dict, where: str = '<json>') -> np.ndarray:
-  """One ``*_gtFine_polygons.json`` -> uint8 train-id map: background 255,
-  objects drawn in file order (later ones on top), pixels inside and on each
-  polygon's outline; ``<label>group`` falls back to ``<label>`` when the
-  table has no group entry; deleted objects and negative ids are skipped."""
+  """One ``*_gtFine_polygons.json`` -> uint8 train-id map, pixel for pixel what
+  cityscapesscripts' ``createLabelImage(annotation, 'trainIds')`` draws: an 'L'
+  image of the ignore index, then every object in file order (later ones on
+  top) filled by Pillow's ``ImageDraw.polygon`` at the JSON's coordinates
+  (integers or floats, as written); ``<label>group`` falls back to ``<label>``
+  when the table has no group entry; deleted objects and negative ids are skipped."""
+  try:
+    from PIL import Image, ImageDraw  # Pillow, the `cityscapes` extra: the rasteriser cityscapesscripts uses
+  except ImportError:
+    raise errors.DataError(
+      f'{where}: Cityscapes labels are drawn with Pillow, as cityscapesscripts draws them: pip install -e .[cityscapes]'
+    ) from None
   labels = cityscapes_labels()
-  h, w = int(annotation['imgHeight']), int(annotation['imgWidth'])
-  label = np.full((h, w), datasets.get('cityscapes').ignore_index, np.uint8)
+  size = (int(annotation['imgWidth']), int(annotation['imgHeight']))
+  image = Image.new('L', size, datasets.get('cityscapes').ignore_index)
+  drawer = ImageDraw.Draw(image)
   for obj in annotation['objects']:
     if obj.get('deleted'):
       continue
@@ -325,10 +337,8 @@ def cityscapes_polygons_to_train_ids(annotation: dict, where: str = '<json>') ->
     label_id, train_id = labels[name]
     if label_id < 0:
       continue
-    points = np.round(np.asarray(obj['polygon'], np.float64)).astype(np.int32).reshape(-1, 1, 2)
-    cv2.fillPoly(label, [points], int(train_id))
-    cv2.polylines(label, [points], True, int(train_id))
-  return label
+    drawer.polygon([(p[0], p[1]) for p in obj['polygon']], fill=int(train_id))
+  return np.asarray(image, np.uint8)
 
 
 def convert_cityscapes(root: str) -> Summary:

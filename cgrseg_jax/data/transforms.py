@@ -412,17 +412,21 @@ MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 
 
-def normalize_table(mean=MEAN_RGB, std=STD_RGB) -> np.ndarray:
+def normalize_table(mean=MEAN_RGB, std=STD_RGB, stats_dtype=np.float32) -> np.ndarray:
   """``(256, C)`` float32: the normalised value of every uint8 value per
-  channel, computed with mmcv ``imnormalize``'s operations: the image is
-  float32, ``cv2.subtract`` of the mean rounds the mean to float32 and
-  subtracts in float32, ``cv2.multiply`` by ``1 / std`` (float64) computes in
-  float64 and rounds to float32 (which equals ``(x - mean) / std`` with the
-  division in float64). A uint8 image has only 256 values per channel, so a
-  table lookup reproduces it bit for bit on any backend."""
+  channel, as mmseg 0.27's ``Normalize`` transform computes it. That class
+  stores ``mean`` and ``std`` as float32 arrays (``stats_dtype``; pass float64
+  for ``mmcv.imnormalize`` called directly with float64 ones) and calls
+  ``imnormalize``, which takes ``mean`` and ``1 / std`` of them in float64:
+  the image is float32, ``cv2.subtract`` of the mean subtracts in float32,
+  ``cv2.multiply`` by ``1 / std`` computes in float64 and rounds to float32. So
+  the reciprocal is of the float32-rounded std. A uint8 image has only 256
+  values per channel, so a table lookup reproduces it bit for bit on any backend."""
+  mean = np.asarray(mean, stats_dtype).astype(np.float64)
+  std = np.asarray(std, stats_dtype).astype(np.float64)
   values = np.arange(256, dtype=np.float32)[:, None]
-  centred = values - np.asarray(mean, np.float64).astype(np.float32)[None, :]
-  return (centred.astype(np.float64) / np.asarray(std, np.float64)[None, :]).astype(np.float32)
+  centred = values - mean.astype(np.float32)[None, :]
+  return (centred.astype(np.float64) * (1.0 / std)[None, :]).astype(np.float32)
 
 
 def default_train_pipeline(

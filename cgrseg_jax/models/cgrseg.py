@@ -26,6 +26,8 @@ VARIANTS = {
   'l': dict(backbone='l', drop_path_rate=0.1, channels=256, next_repeat=5, band_kernel=9),
   'tiny': dict(backbone='s0', drop_path_rate=0.0, channels=32, next_repeat=1, band_kernel=5),
 }
+# How the backbone's BatchNorms train (`build_segmentor(backbone_bn=...)`).
+BACKBONE_BN = ('frozen', 'batch')
 
 
 class RCMStack(nn.Module):
@@ -143,19 +145,28 @@ def build_segmentor(
   dropout_ratio: float = 0.1,
   resolution: int = 512,
   depthwise: str = 'auto',
+  backbone_bn: str = 'frozen',
 ) -> CGRSegModel:
   """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
   float32); `drop_path_rate` overrides the variant's backbone stochastic depth;
   `dropout_ratio` is the Dropout2d rate before the classifier; `resolution` the
   crop size the attention-bias tables are laid out for (512 upstream);
   `depthwise` the depthwise-conv implementation ('auto' | 'shifts' | 'xla',
-  see `layers.resolve_depthwise`; the numbers agree to float rounding)."""
+  see `layers.resolve_depthwise`; the numbers agree to float rounding);
+  `backbone_bn` how the backbone's BatchNorms train: 'frozen' (upstream: its
+  EfficientFormer keeps them in eval mode, so they normalise with their running
+  statistics, which never change, while their scale and bias learn) or 'batch'
+  (batch statistics, SyncBN, like the head's BNs)."""
   if variant not in VARIANTS:
     raise ValueError(f'unknown CGRSeg variant {variant!r}; expected one of {sorted(VARIANTS)}')
+  if backbone_bn not in BACKBONE_BN:
+    raise errors.ConfigError(f'backbone_bn={backbone_bn!r} (config.model.backbone_bn); expected one of {BACKBONE_BN}')
   cfg = VARIANTS[variant]
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
   layers.resolve_depthwise(depthwise)  # fail here on a bad name, not at the first trace
-  backbone = efficientformer_v2.build_backbone(cfg['backbone'], rate, resolution, dtype, depthwise)
+  backbone = efficientformer_v2.build_backbone(
+    cfg['backbone'], rate, resolution, dtype, depthwise, frozen_bn=backbone_bn == 'frozen'
+  )
   head = CGRSegHead(
     tuple(backbone.widths[1:]),
     cfg['channels'],
@@ -261,6 +272,6 @@ FAMILY = registry.register(
     # (losses.LOSSES['cross_entropy']); the numbers are configs/default.py's.
     recipe={'optimizer.name': 'adamw_mmcv', 'loss': 'cross_entropy'},
     torch_reference=_torch_reference,
-    build_options=('drop_path_rate', 'depthwise'),
+    build_options=('drop_path_rate', 'depthwise', 'backbone_bn'),
   )
 )

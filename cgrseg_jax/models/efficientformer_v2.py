@@ -142,6 +142,7 @@ class Attention4D(nn.Module):
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -156,17 +157,25 @@ class Attention4D(nn.Module):
         padding=1,
         groups=self.dim,
         dtype=self.dtype,
+        frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
         name='stride_conv',
       )(x, train)
     b, h, w, _ = x.shape
     n = h * w
-    q = ConvBN(nh * kd, dtype=self.dtype, name='q')(x, train).reshape(b, n, nh, kd)
-    k = ConvBN(nh * kd, dtype=self.dtype, name='k')(x, train).reshape(b, n, nh, kd)
-    v_map = ConvBN(nh * d, dtype=self.dtype, name='v')(x, train)
-    v_local = ConvBN(nh * d, 3, padding=1, groups=nh * d, dtype=self.dtype, depthwise=self.depthwise, name='v_local')(
-      v_map, train
-    )
+    q = ConvBN(nh * kd, dtype=self.dtype, frozen_bn=self.frozen_bn, name='q')(x, train).reshape(b, n, nh, kd)
+    k = ConvBN(nh * kd, dtype=self.dtype, frozen_bn=self.frozen_bn, name='k')(x, train).reshape(b, n, nh, kd)
+    v_map = ConvBN(nh * d, dtype=self.dtype, frozen_bn=self.frozen_bn, name='v')(x, train)
+    v_local = ConvBN(
+      nh * d,
+      3,
+      padding=1,
+      groups=nh * d,
+      dtype=self.dtype,
+      frozen_bn=self.frozen_bn,
+      depthwise=self.depthwise,
+      name='v_local',
+    )(v_map, train)
     v = v_map.reshape(b, n, nh, d)
 
     attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
@@ -177,7 +186,7 @@ class Attention4D(nn.Module):
     out = jnp.einsum('bhnm,bmhc->bnhc', attn, v).reshape(b, h, w, nh * d) + v_local
     if self.stride is not None:
       out = resize.resize_bilinear(out, (h * self.stride, w * self.stride))
-    return ConvBN(self.dim, names=('1', '2'), dtype=self.dtype, name='proj')(gelu(out), train)
+    return ConvBN(self.dim, names=('1', '2'), dtype=self.dtype, frozen_bn=self.frozen_bn, name='proj')(gelu(out), train)
 
 
 class StridedDepthwise(nn.Module):
@@ -198,12 +207,13 @@ class LGQuery(nn.Module):
   out_dim: int
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
     local = StridedDepthwise(dtype=self.dtype, depthwise=self.depthwise, name='local')(x)
     q = local + x[:, ::2, ::2, :]  # AvgPool2d(kernel 1, stride 2) is plain subsampling
-    return ConvBN(self.out_dim, dtype=self.dtype, name='proj')(q, train)
+    return ConvBN(self.out_dim, dtype=self.dtype, frozen_bn=self.frozen_bn, name='proj')(q, train)
 
 
 class Attention4DDownsample(nn.Module):
@@ -217,18 +227,27 @@ class Attention4DDownsample(nn.Module):
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
     nh, kd, d = self.num_heads, self.key_dim, self.attn_ratio * self.key_dim
     b, h, w, _ = x.shape
-    q = LGQuery(nh * kd, dtype=self.dtype, depthwise=self.depthwise, name='q')(x, train)
+    q = LGQuery(nh * kd, dtype=self.dtype, frozen_bn=self.frozen_bn, depthwise=self.depthwise, name='q')(x, train)
     hq, wq = q.shape[1], q.shape[2]
     q = q.reshape(b, hq * wq, nh, kd)
-    k = ConvBN(nh * kd, dtype=self.dtype, name='k')(x, train).reshape(b, h * w, nh, kd)
-    v_map = ConvBN(nh * d, dtype=self.dtype, name='v')(x, train)
+    k = ConvBN(nh * kd, dtype=self.dtype, frozen_bn=self.frozen_bn, name='k')(x, train).reshape(b, h * w, nh, kd)
+    v_map = ConvBN(nh * d, dtype=self.dtype, frozen_bn=self.frozen_bn, name='v')(x, train)
     v_local = ConvBN(
-      nh * d, 3, stride=2, padding=1, groups=nh * d, dtype=self.dtype, depthwise=self.depthwise, name='v_local'
+      nh * d,
+      3,
+      stride=2,
+      padding=1,
+      groups=nh * d,
+      dtype=self.dtype,
+      frozen_bn=self.frozen_bn,
+      depthwise=self.depthwise,
+      name='v_local',
     )(v_map, train)
     v = v_map.reshape(b, h * w, nh, d)
 
@@ -238,7 +257,9 @@ class Attention4DDownsample(nn.Module):
     )
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhnm,bmhc->bnhc', attn, v).reshape(b, hq, wq, nh * d) + v_local
-    return ConvBN(self.out_dim, names=('1', '2'), dtype=self.dtype, name='proj')(gelu(out), train)
+    return ConvBN(self.out_dim, names=('1', '2'), dtype=self.dtype, frozen_bn=self.frozen_bn, name='proj')(
+      gelu(out), train
+    )
 
 
 class Mlp(nn.Module):
@@ -248,15 +269,16 @@ class Mlp(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = conv(self.hidden, 1, dtype=self.dtype, kernel_init=trunc_normal_02, name='fc1')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='norm1')(x, train))
+    x = gelu(BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='norm1')(x, train))
     x = conv(self.hidden, 3, padding=1, groups=self.hidden, dtype=self.dtype, depthwise=self.depthwise, name='mid')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='mid_norm')(x, train))
+    x = gelu(BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='mid_norm')(x, train))
     x = conv(self.dim, 1, dtype=self.dtype, kernel_init=trunc_normal_02, name='fc2')(x)
-    return BatchNorm(dtype=self.dtype, name='norm2')(x, train)
+    return BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='norm2')(x, train)
 
 
 class Block(nn.Module):
@@ -270,6 +292,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -278,11 +301,24 @@ class Block(nn.Module):
     if self.attention:
       ls1 = self.param('layer_scale_1', init, (self.dim,), jnp.float32)
       y = Attention4D(
-        self.dim, self.resolution, self.stride, dtype=self.dtype, depthwise=self.depthwise, name='token_mixer'
+        self.dim,
+        self.resolution,
+        self.stride,
+        dtype=self.dtype,
+        frozen_bn=self.frozen_bn,
+        depthwise=self.depthwise,
+        name='token_mixer',
       )(x, train)
       x = x + drop(ls1.astype(y.dtype) * y, train)
     ls2 = self.param('layer_scale_2', init, (self.dim,), jnp.float32)
-    y = Mlp(self.dim, int(self.dim * self.mlp_ratio), dtype=self.dtype, depthwise=self.depthwise, name='mlp')(x, train)
+    y = Mlp(
+      self.dim,
+      int(self.dim * self.mlp_ratio),
+      dtype=self.dtype,
+      frozen_bn=self.frozen_bn,
+      depthwise=self.depthwise,
+      name='mlp',
+    )(x, train)
     return x + drop(ls2.astype(y.dtype) * y, train)
 
 
@@ -295,17 +331,24 @@ class Embedding(nn.Module):
   resolution: int = 7
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
     if not self.attention:
       x = conv(self.out_dim, 3, stride=2, padding=1, dtype=self.dtype, name='proj')(x)
-      return BatchNorm(dtype=self.dtype, name='norm')(x, train)
+      return BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='norm')(x, train)
     y = conv(self.out_dim, 3, stride=2, padding=1, dtype=self.dtype, name='conv')(x)
-    y = BatchNorm(dtype=self.dtype, name='bn')(y, train)
+    y = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='bn')(y, train)
     return (
       Attention4DDownsample(
-        x.shape[-1], self.out_dim, self.resolution, dtype=self.dtype, depthwise=self.depthwise, name='attn'
+        x.shape[-1],
+        self.out_dim,
+        self.resolution,
+        dtype=self.dtype,
+        frozen_bn=self.frozen_bn,
+        depthwise=self.depthwise,
+        name='attn',
       )(x, train)
       + y
     )
@@ -322,6 +365,7 @@ class Stage(nn.Module):
   drop_paths: Sequence[float]
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -335,6 +379,7 @@ class Stage(nn.Module):
         stride=self.stride,
         drop_path=self.drop_paths[j],
         dtype=self.dtype,
+        frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
         name=str(j),
       )(x, train)
@@ -346,13 +391,14 @@ class PatchEmbed(nn.Module):
 
   dim: int
   dtype: Dtype = jnp.float32
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = conv(self.dim // 2, 3, stride=2, padding=1, dtype=self.dtype, name='0')(x)
-    x = gelu(BatchNorm(dtype=self.dtype, name='1')(x, train))
+    x = gelu(BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='1')(x, train))
     x = conv(self.dim, 3, stride=2, padding=1, dtype=self.dtype, name='3')(x)
-    return gelu(BatchNorm(dtype=self.dtype, name='4')(x, train))
+    return gelu(BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name='4')(x, train))
 
 
 def drop_path_rates(depths: Sequence[int], rate: float) -> list[tuple[float, ...]]:
@@ -377,10 +423,11 @@ class EfficientFormerV2(nn.Module):
   resolution: int = 512
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = PatchEmbed(self.widths[0], dtype=self.dtype, name='patch_embed')(x, train)
+    x = PatchEmbed(self.widths[0], dtype=self.dtype, frozen_bn=self.frozen_bn, name='patch_embed')(x, train)
 
     outs = []
     rates = drop_path_rates(self.depths, self.drop_path_rate)
@@ -394,6 +441,7 @@ class EfficientFormerV2(nn.Module):
         2 if i == 2 else None,
         rates[i],
         dtype=self.dtype,
+        frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
         name=f'network_{2 * i}',
       )(x, train)
@@ -404,6 +452,7 @@ class EfficientFormerV2(nn.Module):
           attention=i >= 2,
           resolution=res,
           dtype=self.dtype,
+          frozen_bn=self.frozen_bn,
           depthwise=self.depthwise,
           name=f'network_{2 * i + 1}',
         )(x, train)
@@ -416,7 +465,11 @@ def build_backbone(
   resolution: int = 512,
   dtype: Dtype = jnp.float32,
   depthwise: str = 'auto',
+  frozen_bn: bool = False,
 ) -> EfficientFormerV2:
+  """The EfficientFormerV2 of size `name`; `frozen_bn`: its BNs normalise with
+  their running statistics in training too and never update them (upstream's
+  `train()` rule, layers.BatchNorm.frozen)."""
   cfg = BACKBONES[name]
   return EfficientFormerV2(
     cfg['widths'],
@@ -427,6 +480,7 @@ def build_backbone(
     resolution=resolution,
     dtype=dtype,
     depthwise=depthwise,
+    frozen_bn=frozen_bn,
   )
 
 

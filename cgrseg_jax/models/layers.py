@@ -339,11 +339,17 @@ class BatchNorm(nn.Module):
   the *unbiased* variance into the running estimate (momentum 0.1). Statistics
   are reduced over every axis but channels of the (global, possibly sharded)
   batch, so under `jit` with a batch sharded over devices this is SyncBN.
+
+  `frozen`: a PyTorch BN kept in eval mode inside a training model (upstream's
+  EfficientFormer backbone puts its BNs back in eval mode in `train()`): it
+  normalises with the running statistics in training too and never updates
+  them; its scale and bias still learn.
   """
 
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Optional[Dtype] = None
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -352,7 +358,7 @@ class BatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
-    if train:
+    if train and not self.frozen:
       y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
       if not self.is_initializing():
         n = math.prod(x.shape[:-1])
@@ -383,6 +389,7 @@ class ConvBN(nn.Module):
   kernel_init: Callable = torch_default_kernel_init
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'
+  frozen_bn: bool = False  # see BatchNorm.frozen
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -398,7 +405,7 @@ class ConvBN(nn.Module):
       depthwise=self.depthwise,
       name=self.names[0],
     )(x)
-    x = BatchNorm(dtype=self.dtype, name=self.names[1])(x, train)
+    x = BatchNorm(dtype=self.dtype, frozen=self.frozen_bn, name=self.names[1])(x, train)
     return self.act(x) if self.act is not None else x
 
 

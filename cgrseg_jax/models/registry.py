@@ -158,12 +158,25 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def build_from_config(config) -> nn.Module:
-  """The model `config.model` names (`name`, `num_classes`, optional
-  `drop_path_rate`), computing in `config.precision`."""
+  """The model `config.model` names (`name`, `num_classes`, and the family's
+  `build_options` that are set, e.g. `drop_path_rate`), computing in
+  `config.precision`. A model field set for a family that has no such option is
+  an error (only `depthwise`, a speed switch, is not: its 'auto' suits every family)."""
   if config.precision not in DTYPES:
     raise errors.ConfigError(f'config.precision={config.precision!r}; expected one of {sorted(DTYPES)}')
+  family = family_of(config.model.name)
+  stray = [
+    k
+    for k, v in config.model.items()
+    if v is not None and k not in ('name', 'num_classes', 'depthwise', *family.build_options)
+  ]
+  if stray:
+    raise errors.ConfigError(
+      f'config.model.{stray[0]}={config.model[stray[0]]!r}: model family {family.name!r} has no such option '
+      f'(it takes {", ".join(family.build_options) or "none"})'
+    )
   overrides = {}
-  for key in family_of(config.model.name).build_options:
+  for key in family.build_options:
     if config.model.get(key) is not None:
       overrides[key] = config.model[key]
   return build_model(config.model.name, config.model.num_classes, dtype=DTYPES[config.precision], **overrides)

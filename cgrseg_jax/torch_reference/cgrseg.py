@@ -15,10 +15,11 @@ numerical reference for the Flax port.
 
 Deliberate differences from the upstream *training harness* (not the math):
 
-* BatchNorm layers are plain ``nn.BatchNorm2d`` and follow ``model.train()`` /
-  ``model.eval()``; the upstream backbone's ``train()`` override that pins its
-  BNs in eval mode is not reproduced (the real recipe converts them to SyncBN,
-  which trains normally).
+* BatchNorm layers are plain ``nn.BatchNorm2d``. The backbone keeps upstream's
+  ``train()`` rule: after ``super().train(mode)`` every ``nn.BatchNorm2d`` of
+  the backbone goes back to eval mode, so in training it normalises with its
+  running statistics and never updates them (``backbone_bn='batch'`` turns the
+  rule off, for comparisons with batch statistics everywhere).
 * The gathered attention-bias table is recomputed and bicubically resized on
   every forward, in train and eval mode alike (upstream caches the gather at
   ``eval()`` time, which gives the same numbers).
@@ -438,8 +439,16 @@ class EfficientFormerV2Backbone(nn.Module):
   [stage1, down, stage2, down, stage3, attn-down, stage4].
   """
 
-  def __init__(self, arch: str, drop_path_rate: Optional[float] = None, resolution: int = 512, ls_init: float = 1e-5):
+  def __init__(
+    self,
+    arch: str,
+    drop_path_rate: Optional[float] = None,
+    resolution: int = 512,
+    ls_init: float = 1e-5,
+    frozen_bn: bool = True,
+  ):
     super().__init__()
+    self.frozen_bn = frozen_bn
     spec = BACKBONE_ARCHS[arch]
     widths, depths = spec['widths'], spec['depths']
     vit_num, ratios = spec['vit_num'], spec['mlp_ratios']
@@ -478,6 +487,16 @@ class EfficientFormerV2Backbone(nn.Module):
         modules.append(ConvDownsample(dim, widths[s + 1]))
     self.network = nn.ModuleList(modules)
     self.out_indices = (0, 2, 4, 6)
+
+  def train(self, mode: bool = True):
+    """Upstream's rule: the backbone's BNs stay in eval mode (mmcv's runner calls
+    `model.train()` every iteration, which lands here)."""
+    super().train(mode)
+    if self.frozen_bn:
+      for m in self.modules():
+        if isinstance(m, nn.BatchNorm2d):
+          m.eval()
+    return self
 
   def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
     x = self.patch_embed(x)
@@ -690,9 +709,16 @@ class CGRSegTorch(nn.Module):
   """EncoderDecoder equivalent: ``backbone`` + ``decode_head``."""
 
   def __init__(
-    self, variant: str, num_classes: int = 150, drop_path_rate: Optional[float] = None, resolution: Optional[int] = None
+    self,
+    variant: str,
+    num_classes: int = 150,
+    drop_path_rate: Optional[float] = None,
+    resolution: Optional[int] = None,
+    backbone_bn: str = 'frozen',
   ):
     super().__init__()
+    if backbone_bn not in ('frozen', 'batch'):
+      raise ValueError(f"backbone_bn={backbone_bn!r}; expected 'frozen' or 'batch'")
     cfg = VARIANTS[variant]
     common = HEAD_COMMON
     self.variant = variant
@@ -702,7 +728,11 @@ class CGRSegTorch(nn.Module):
     if resolution is None:
       resolution = common['resolution']
     self.backbone = EfficientFormerV2Backbone(
-      cfg['backbone'], drop_path_rate=drop_path_rate, resolution=resolution, ls_init=common['backbone_layer_scale_init']
+      cfg['backbone'],
+      drop_path_rate=drop_path_rate,
+      resolution=resolution,
+      ls_init=common['backbone_layer_scale_init'],
+      frozen_bn=backbone_bn == 'frozen',
     )
     self.decode_head = CGRHead(
       cfg['in_channels'],
@@ -733,16 +763,24 @@ class CGRSegTorch(nn.Module):
 
 
 def build_torch_segmentor(
-  variant: str, num_classes: int = 150, drop_path_rate: Optional[float] = None, resolution: Optional[int] = None
+  variant: str,
+  num_classes: int = 150,
+  drop_path_rate: Optional[float] = None,
+  resolution: Optional[int] = None,
+  backbone_bn: str = 'frozen',
 ) -> CGRSegTorch:
   """Build the reference segmentor for ``variant`` in {'t','b','l','tiny'}.
 
   ``drop_path_rate`` overrides the backbone stochastic-depth rate (default:
   the variant's upstream value); ``resolution`` overrides the backbone's
-  attention-bias table resolution (default 512, as upstream)."""
+  attention-bias table resolution (default 512, as upstream); ``backbone_bn``
+  'frozen' keeps upstream's rule (the backbone's BNs in eval mode in training),
+  'batch' trains them with batch statistics."""
   if variant not in VARIANTS:
     raise KeyError(f'unknown variant {variant!r}; choose from {sorted(VARIANTS)}')
-  return CGRSegTorch(variant, num_classes=num_classes, drop_path_rate=drop_path_rate, resolution=resolution)
+  return CGRSegTorch(
+    variant, num_classes=num_classes, drop_path_rate=drop_path_rate, resolution=resolution, backbone_bn=backbone_bn
+  )
 
 
 def count_learnable_params(model: nn.Module) -> int:

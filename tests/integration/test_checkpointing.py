@@ -28,13 +28,9 @@ RUN = dict(total_steps=TOTAL, eval_every=-1, batch_size=2, checkpoint_every=1, k
 
 
 @pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  """One compile of the step for the whole module, subprocesses included."""
-  d = str(tmp_path_factory.mktemp('jax_cache'))
-  jax.config.update('jax_compilation_cache_dir', d)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield d
-  jax.config.update('jax_compilation_cache_dir', None)
+def cache_dir():
+  """The session's compilation cache (conftest.py): one compile of the step for every run here."""
+  return os.environ['JAX_COMPILATION_CACHE_DIR']
 
 
 @pytest.fixture(scope='module')
@@ -190,6 +186,25 @@ def test_full_disk_stops_with_a_message_and_a_rerun_resumes(straight, cache_dir,
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert 'resumed from' in rerun.stderr and f'{work}/checkpoints/3' in rerun.stderr
   _assert_same(_checkpoint_params(work / 'checkpoints' / '5'), straight[1])
+
+
+def test_damaged_fallback_prints_its_warning_and_nothing_else(straight, cache_dir, tmp_path):
+  """The fallback in a real run (main.py): a data file of the newest step cut to
+  100 bytes. stderr holds what a clean resume from the previous step prints,
+  plus the warning and the rename: no asyncio or TensorStore tracebacks."""
+  clean = _copy_until(straight[0], tmp_path / 'clean', TOTAL - 1)
+  damaged = _copy_until(straight[0], tmp_path / 'damaged', TOTAL)
+  with open(_data_files(damaged / 'checkpoints' / str(TOTAL))[-1], 'r+b') as f:
+    f.truncate(100)
+  ok, bad = _main(cache_dir, _run_flags(clean)), _main(cache_dir, _run_flags(damaged))
+  assert ok.returncode == 0 and bad.returncode == 0, bad.stderr[-3000:]
+  ok_lines, bad_lines = ok.stderr.strip().splitlines(), bad.stderr.strip().splitlines()
+  extra = [l for l in bad_lines if 'cannot be restored' in l or 'moved damaged checkpoint' in l]
+  assert len(extra) == 2, bad.stderr[-3000:]
+  assert len(bad_lines) == len(ok_lines) + 2, '\n'.join(bad_lines[:60])
+  assert 'Traceback' not in bad.stderr and 'Event loop is closed' not in bad.stderr
+  assert os.path.isdir(damaged / 'checkpoints' / f'{TOTAL}.damaged-unreadable-data')
+  _assert_same(_checkpoint_params(damaged / 'checkpoints' / str(TOTAL)), straight[1])
 
 
 def test_main_prints_user_errors_in_one_line_and_tracebacks_with_verbose(straight, cache_dir, tmp_path):

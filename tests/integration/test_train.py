@@ -20,15 +20,6 @@ from paths import TESTS_DIR
 REPO = os.path.dirname(TESTS_DIR)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The resume test compiles the same step 3 times: cache it on disk."""
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  yield
-  jax.config.update('jax_compilation_cache_dir', None)
-
-
 def _params(result):
   return jax.tree_util.tree_leaves(jax.device_get(result['state'].params))
 

@@ -120,7 +120,9 @@ def test_one_step_parity_with_torch_adamw():
     return loss_of(out, jnp.asarray(y)), upd['batch_stats']
 
   (loss, bstats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-  updates, _ = tx.update(grads, tx.init(variables['params']), variables['params'])
+  updates, _ = jax.jit(tx.update)(
+    grads, tx.init(variables['params']), variables['params']
+  )  # one dispatch, not one per op
   params = jax.tree_util.tree_map(lambda p, u: p + u, variables['params'], updates)
 
   np.testing.assert_allclose(float(loss), float(t_loss), rtol=1e-4)
@@ -170,6 +172,16 @@ def test_one_step_parity_with_torch_adamw():
     mult = 10.0 if 'head' in key else 1.0
     assert np.all(np.abs(got - want)[undetermined] <= 2.05 * lr0 * mult), key
   compare(bstats, t_after, 'batch_stats', 'BN running stat')
+  # upstream's train() rule, both sides: the backbone's running statistics are bit-unchanged by the
+  # step (its BNs normalise with them), the head's SyncBN statistics move
+  jax.tree_util.tree_map(np.testing.assert_array_equal, bstats['backbone'], variables['batch_stats']['backbone'])
+  for key in t_after:
+    if key.startswith('backbone.') and key.endswith(('running_mean', 'running_var')):
+      np.testing.assert_array_equal(t_after[key], state[key].numpy(), err_msg=key)
+  assert not np.array_equal(
+    bstats['decode_head']['linear_fuse']['bn']['mean'],
+    variables['batch_stats']['decode_head']['linear_fuse']['bn']['mean'],
+  )
   # The update itself (the parameters barely move): Adam divides by |g|, so an
   # element whose gradient is at the level of the gradient error has an
   # ill-conditioned update; compare the elements with |g| >= 1e-2 max|g|.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / 'cgrseg_jax'
 # What may be imported inside a function: the optional extras and their heavy
-# packages (torch, TFDS, SciPy for the .mat converters).
-LAZY_ALLOWED = ('torch', 'tensorflow_datasets', 'scipy', 'cgrseg_jax.torch_reference')
+# packages (torch, TFDS, SciPy for the .mat converters, Pillow for Cityscapes).
+LAZY_ALLOWED = ('torch', 'tensorflow_datasets', 'scipy', 'PIL', 'cgrseg_jax.torch_reference')
 
 
 def _module_name(path: Path) -> str:

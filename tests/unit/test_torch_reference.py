@@ -140,9 +140,13 @@ def test_train_mode_runs_with_drop_path_and_dropout():
   assert torch.isfinite(out).all()
   grads = [p.grad for p in model.parameters() if p.requires_grad]
   assert all(g is not None for g in grads)
-  # BN running stats were updated by the batch
-  bn = model.backbone.patch_embed[1]
-  assert int(bn.num_batches_tracked) == 1
+  # upstream's rule: the backbone's BNs stay in eval mode, the head's update
+  assert not model.backbone.patch_embed[1].training
+  assert int(model.backbone.patch_embed[1].num_batches_tracked) == 0
+  assert int(model.decode_head.linear_fuse.bn.num_batches_tracked) == 1
+  batch = randomize_(build_torch_segmentor('tiny', drop_path_rate=0.1, backbone_bn='batch'), seed=0).train()
+  batch(x)
+  assert int(batch.backbone.patch_embed[1].num_batches_tracked) == 1
 
 
 def test_variant_table_has_required_entries():

@@ -248,3 +248,45 @@ def test_cityscapes_polygons_to_train_ids(tmp_path):
   ann['objects'].append({'label': 'spaceship', 'polygon': [[0, 0], [1, 0], [1, 1]]})
   with pytest.raises(errors.DataError, match="unknown Cityscapes label 'spaceship'"):
     converters.cityscapes_polygons_to_train_ids(ann)
+
+
+def _random_cityscapes_annotation(rng, h, w, integer: bool) -> dict:
+  """A *_gtFine_polygons.json in the official format: overlapping objects of
+  random labels (groups, ignored labels, the never-drawn license plate,
+  deleted ones), polygons of 3-12 vertices, some reaching past the border."""
+  names = [*converters.cityscapes_labels(), 'cargroup', 'persongroup', 'bicyclegroup', 'ridergroup']
+  objects = []
+  for _ in range(rng.integers(15, 40)):
+    cy, cx = rng.uniform(-10, h + 10), rng.uniform(-10, w + 10)
+    n = int(rng.integers(3, 13))
+    angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+    radius = rng.uniform(2, 80) * rng.uniform(0.3, 1.0, n)
+    xs, ys = cx + radius * np.cos(angles), cy + radius * np.sin(angles)
+    points = [[int(round(x)), int(round(y))] if integer else [float(x), float(y)] for x, y in zip(xs, ys)]
+    obj = {'label': str(rng.choice(names)), 'polygon': points}
+    if rng.random() < 0.1:
+      obj['deleted'] = 1
+    objects.append(obj)
+  return {'imgHeight': h, 'imgWidth': w, 'objects': objects}
+
+
+@pytest.mark.parametrize('integer', [True, False])
+def test_cityscapes_labels_are_cityscapesscripts_json2labelimg_pixel_for_pixel(tmp_path, integer):
+  from cityscapesscripts.helpers.annotation import Annotation
+  from cityscapesscripts.preparation.json2labelImg import createLabelImage
+
+  rng = np.random.default_rng(7 if integer else 8)
+  differ, seen = 0, set()
+  for i in range(20):
+    ann = _random_cityscapes_annotation(rng, 256, 512, integer)
+    path = tmp_path / f'{i}_gtFine_polygons.json'
+    path.write_text(json.dumps(ann))
+    official = Annotation()
+    official.fromJsonFile(str(path))
+    want = np.asarray(createLabelImage(official, 'trainIds'))
+    got = converters.cityscapes_polygons_to_train_ids(json.loads(path.read_text()), str(path))
+    assert got.dtype == np.uint8 and got.shape == (256, 512)
+    differ += int(np.sum(got != want))
+    seen.update(np.unique(want).tolist())
+  assert differ == 0
+  assert len(seen) >= 15  # nearly every train id, and the ignore index, drawn somewhere

@@ -342,7 +342,7 @@ def test_normalize_image_matches_mmseg_and_zeroes_padding():
   assert (out[1, 4:] == 0).all() and (out[1, :, 7:] == 0).all() and (out[2] == 0).all()
   # mmseg normalises and then pads with 0: compare on a padded sample.
   padded = T.Pad((10, 12)).map({'image': image[1, :4, :7], 'label': np.zeros((4, 7), np.uint8)})
-  mmseg = np.pad(mmcv_ops.imnormalize(image[1, :4, :7]), ((0, 6), (0, 5), (0, 0)))
+  mmseg = np.pad(mmcv_ops.normalize_transform(image[1, :4, :7]), ((0, 6), (0, 5), (0, 0)))
   np.testing.assert_allclose(
     np.asarray(dp.normalize_image(padded['image'][None], padded['valid_hw'][None]))[0], mmseg, atol=1e-5, rtol=0
   )
@@ -355,7 +355,7 @@ def test_normalize_image_is_bit_exact_with_mmcv_on_all_values():
   # channel c of pixel k holds (k + 85 c) % 256: every uint8 value in every channel
   k = np.arange(256).reshape(16, 16, 1)
   image = ((k + 85 * np.arange(3)) % 256).astype(np.uint8)
-  ref = mmcv_ops.imnormalize(image)
+  ref = mmcv_ops.normalize_transform(image)  # mmseg's Normalize, as its pipeline calls it
   out = np.asarray(jax.jit(dp.normalize_image)(image[None], np.array([[16, 16]], np.int32)))[0]
   np.testing.assert_array_equal(out, ref)
   # Padding stays exactly 0, the inside is unchanged.

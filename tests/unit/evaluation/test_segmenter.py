@@ -19,18 +19,18 @@ K = 5
 @pytest.fixture(scope='module')
 def segmenter():
   model = build_model('cgrseg_tiny', K)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
   return Segmenter(model, variables, dataset='synthetic', img_scale=(96, 64))
 
 
 def test_metrics_match_an_iou_computed_from_the_predictions(segmenter):
   rng = np.random.default_rng(70)
   records = []
-  for hw in [(40, 60), (70, 50), (40, 60)]:
+  for hw in [(40, 60), (44, 64), (40, 60)]:  # one input bucket
     label = rng.integers(0, K + 1, hw).astype(np.uint8)  # 0 = 'other' before reduce_zero_label
     label[:5] = 255
     records.append({'image': rng.integers(0, 256, (*hw, 3), dtype=np.uint8), 'label': label})
-  tta = dict(scales=(0.75, 1.0), flip=True)
+  tta = dict(scales=(1.0,), flip=True)  # two views averaged
   metrics = segmenter_eval.evaluate_segmenter(
     segmenter, records, num_classes=K, reduce_zero_label=True, ignore_index=255, tta=tta, batch_size=2
   )

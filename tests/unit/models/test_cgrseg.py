@@ -44,8 +44,9 @@ def _eval_all(variables, x, model):
 _eval_all = jax.jit(_eval_all, static_argnames='model')
 
 
-@pytest.mark.parametrize('variant', ['t', 'b', 'l'])
-@pytest.mark.parametrize('hw', [(512, 512), (480, 640)])
+# Every size at 512x512; the 480x640 case (attention-bias tables resized away from
+# the 512 layout, padding to 32 in one axis) on T, whose code path B and L share.
+@pytest.mark.parametrize('variant,hw', [('t', (512, 512)), ('b', (512, 512)), ('l', (512, 512)), ('t', (480, 640))])
 def test_eval_forward_matches_reference(variant, hw):
   torch_mod, variables = _reference(variant, seed=11)
   torch_mod.eval()
@@ -64,14 +65,19 @@ def test_eval_forward_matches_reference(variant, hw):
   assert np.mean(np.asarray(logits).argmax(-1) == want.argmax(-1)) >= 0.999
 
 
-@pytest.mark.parametrize('variant,hw', [('tiny', (128, 160)), ('t', (256, 256))])
-def test_train_forward_matches_reference(variant, hw):
-  """Batch statistics everywhere, running statistics updated as PyTorch does
+@pytest.mark.parametrize(
+  'variant,hw,backbone_bn', [('tiny', (128, 160), 'frozen'), ('tiny', (128, 160), 'batch'), ('t', (256, 256), 'frozen')]
+)
+def test_train_forward_matches_reference(variant, hw, backbone_bn):
+  """Training mode as upstream trains ('frozen': the backbone's BNs in eval mode
+  by its `train()` rule, the head's with batch statistics) and with batch
+  statistics everywhere ('batch'); running statistics updated as PyTorch does
   (unbiased variance, momentum 0.1); dropout off so both are deterministic."""
   torch_mod, variables = _reference(variant, seed=5, num_classes=19, dropout=False)
-  model = build_segmentor(variant, 19, dropout_ratio=0.0)
+  torch_mod.backbone.frozen_bn = backbone_bn == 'frozen'
+  model = build_segmentor(variant, 19, dropout_ratio=0.0, backbone_bn=backbone_bn)
   x = np.random.default_rng(1).standard_normal((2, *hw, 3)).astype(np.float32)
-  torch_mod.train()
+  torch_mod.train()  # mmcv's runner: model.train(), which the backbone's rule follows
   with torch.no_grad():
     want = nhwc(torch_mod(nchw(x)))
   apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
@@ -83,12 +89,21 @@ def test_train_forward_matches_reference(variant, hw):
   assert flat_ours.keys() == {k for k in flat_ref if k[0] == 'batch_stats'}
   for k, v in flat_ours.items():
     np.testing.assert_allclose(v, flat_ref[k], rtol=1e-4, atol=1e-5, err_msg=str(k))
+  before = key_layout.flatten({'batch_stats': variables['batch_stats']})
+  changed = {k[1][0] for k, v in flat_ours.items() if not np.array_equal(np.asarray(v), np.asarray(before[k]))}
+  # frozen: the backbone's running statistics are bit-unchanged, the head's move
+  assert changed == ({'decode_head'} if backbone_bn == 'frozen' else {'backbone', 'decode_head'})
+
+
+def test_backbone_bn_is_checked():
+  with pytest.raises(ValueError, match="backbone_bn='sync'.*expected one of"):
+    build_segmentor('tiny', 5, backbone_bn='sync')
 
 
 # Compiling once is a property of the jitted functions, not of the model size:
-# the small S0 and S1 structures are enough (B and L alone cost 6 minutes of
-# compiles; their forward is compared with the reference in the tests above).
-@pytest.mark.parametrize('variant', ['tiny', 't'])
+# the S0 structure is enough (larger ones only add minutes of compiles; their
+# forward is compared with the reference in the tests above).
+@pytest.mark.parametrize('variant', ['tiny'])
 def test_jit_eval_and_grad_compile_once(variant):
   model = build_segmentor(variant, num_classes=7, drop_path_rate=0.1)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 96, 3)), jnp.float32)

@@ -66,11 +66,13 @@ def test_ffn_blocks(train):
   compare_module(attn, ef.Block(32, 4, attention=True, resolution=4), x, train)
 
 
-@pytest.mark.parametrize('train', [False, True])
+@pytest.mark.parametrize('train,frozen_bn', [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize('hw', [(64, 64), (96, 64)])
-def test_backbone_s0(train, hw):
-  torch_mod = ref.randomize_(ref.EfficientFormerV2Backbone('S0', drop_path_rate=0.0, resolution=64), seed=5)
-  flax_mod = ef.build_backbone('s0', 0.0, resolution=64)
+def test_backbone_s0(train, frozen_bn, hw):
+  # frozen_bn: upstream's train() rule (BNs in eval mode while the model trains)
+  torch_ref = ref.EfficientFormerV2Backbone('S0', drop_path_rate=0.0, resolution=64, frozen_bn=frozen_bn)
+  torch_mod = ref.randomize_(torch_ref, seed=5)
+  flax_mod = ef.build_backbone('s0', 0.0, resolution=64, frozen_bn=frozen_bn)
   x = np.random.default_rng(4).standard_normal((2, *hw, 3)).astype(np.float32)
   variables = variables_from_torch(torch_mod, flax_mod, x, train=False)
   torch_mod.train(train)
