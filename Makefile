@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Two workers: XLA compiles are mostly single-threaded, so they overlap well.
-PYTEST_ARGS ?= -n 2
+# Two workers: XLA compiles are mostly single-threaded, so they overlap well; worksteal
+# hands a finished worker the other one's remaining tests, so the long ones do not end alone.
+PYTEST_ARGS ?= -n 2 --dist worksteal
 
 .PHONY: setup test test-unit lint format demo parity clean
 

@@ -47,6 +47,7 @@ def main():
   flat['__val__'] = np.array(json.dumps({k: val[k] for k in ('mIoU', 'mAcc', 'aAcc') if k in val}))
   flat['__status__'] = np.array(f'{result["status"]}:{result["step"]}')
   flat['__indices__'] = np.array(json.dumps(seen))
+  flat['__devices__'] = np.array(jax.device_count())
   path = out if jax.process_count() == 1 else f'{out}.{jax.process_index()}'
   np.savez(path, **flat)
 

@@ -27,7 +27,7 @@ def test_benchmark_smoke(tmp_path):
       '--variant=tiny',
       '--num-classes=8',
       '--size=64,64',
-      '--batch-sizes=1,2',
+      '--batch-sizes=1',
       '--train-batch=2',
       '--dtypes=float32',
       '--warmup=0',
@@ -53,7 +53,7 @@ def test_benchmark_smoke(tmp_path):
   for side in ('jax', 'torch'):
     s = r[side]
     assert s['compile_s'] >= 0 and s['eval_latency_ms_bs1'] > 0
-    assert set(s['eval_img_per_s']) == {'1', '2'}
+    assert set(s['eval_img_per_s']) == {'1'}
     assert s['train_step_s'] > 0 and s['train_img_per_s'] == pytest.approx(2 / s['train_step_s'])
   assert set(r['ratio']) == {'eval_bs1', 'eval_bs8', 'train'}
   # Each framework measured in its own process; fraction of peak from the count and the device's peak.

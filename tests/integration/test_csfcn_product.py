@@ -49,7 +49,7 @@ def test_imagenet_backbone_through_the_loader(tmp_path):
   assert loaded.report.skipped['fc.weight'] == 'ImageNet classifier'
   # config.init: the backbone replaces the fresh one, the rest stays fresh
   model = build_model('csfcn_tiny', 11)
-  fresh = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  fresh = jax.tree_util.tree_map(np.asarray, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
   variables = loader.initial_variables(str(path), fresh, 'csfcn_tiny', 11)
   w = backbone.state_dict()['layer4.1.conv2.weight'].numpy()
   np.testing.assert_array_equal(variables['params']['resnet']['layer4_1']['conv2']['kernel'], w.transpose(2, 3, 1, 0))
@@ -80,7 +80,7 @@ def test_train_two_steps_with_sgd_ohem_and_upstream_frozen_conv1d(tmp_path):
   result = train.train_and_evaluate(c, str(tmp_path))
   assert result['step'] == 2 and result['status'] == 'done'
   params = jax.device_get(result['state'].params)
-  fresh = build_model('csfcn_tiny', 5).init(jax.random.PRNGKey(c.seed), jnp.zeros((1, 64, 64, 3)))['params']
+  fresh = jax.jit(build_model('csfcn_tiny', 5).init)(jax.random.PRNGKey(c.seed), jnp.zeros((1, 64, 64, 3)))['params']
   # upstream's optimizer never sees the Conv1d weights; their biases and the rest train
   np.testing.assert_array_equal(params['cfc']['key_conv']['kernel'], fresh['cfc']['key_conv']['kernel'])
   np.testing.assert_array_equal(params['cfc']['value_conv']['kernel'], fresh['cfc']['value_conv']['kernel'])

@@ -31,7 +31,8 @@ def toy():
 def run(toy, tmp_path_factory):
   """Two steps, then resumed to four in the same workdir."""
   workdir = str(tmp_path_factory.mktemp('toy_run'))
-  overrides = {'model.name': 'toy_small', 'batch_size': 4, 'checkpoint_every': 2}
+  # backbone_bn: a CGRSeg option the synthetic config sets; the toy family has none
+  overrides = {'model.name': 'toy_small', 'model.backbone_bn': None, 'batch_size': 4, 'checkpoint_every': 2}
   first = train.train_and_evaluate(tiny_config(total_steps=2, **overrides), workdir)
   second = train.train_and_evaluate(tiny_config(total_steps=4, **overrides), workdir)
   return workdir, first, second, tiny_config(total_steps=4, **overrides)

@@ -80,7 +80,7 @@ def test_file_and_orbax_round_trip(tmp_path):
       assert torch.equal(out['state_dict'][k], v), k
   loaded = loader.load(str(tmp_path / 'orbax'))
   assert (loaded.kind, loaded.model, loaded.num_classes) == ('converted', 'cgrseg_tiny', 11)
-  logits = build_segmentor('tiny', 11).apply(loaded.variables, np.zeros((1, 64, 64, 3), np.float32))
+  logits = jax.jit(build_segmentor('tiny', 11).apply)(loaded.variables, np.zeros((1, 64, 64, 3), np.float32))
   assert logits.shape == (1, 64, 64, 11)
 
 

@@ -79,9 +79,9 @@ def test_backbone_s0(train, frozen_bn, hw):
   with torch.no_grad():
     want = [nhwc(f) for f in torch_mod(nchw(x))]
   if train:
-    outs, _ = flax_mod.apply(variables, x, train=True, mutable=['batch_stats'])
+    outs, _ = jax.jit(lambda v, x: flax_mod.apply(v, x, train=True, mutable=['batch_stats']))(variables, x)
   else:
-    outs = flax_mod.apply(variables, x, train=False)
+    outs = jax.jit(lambda v, x: flax_mod.apply(v, x, train=False))(variables, x)
   assert [o.shape for o in outs] == [w.shape for w in want]
   for o, w in zip(outs, want):
     assert_close(o, w, rtol=2e-5)

@@ -45,11 +45,11 @@ def test_load_imagenet_backbone_layout(tmp_path):
   # merge into a freshly initialised CSFCN: its backbone now computes the ImageNet network
   model = csfcn.build('csfcn', 19)
   x = np.random.default_rng(3).standard_normal((1, 64, 64, 3)).astype(np.float32)
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   variables = {
     c: {**variables[c], 'resnet': jax.tree_util.tree_map(jnp.asarray, backbone[c]['resnet'])} for c in variables
   }
-  feats = model.apply(variables, x, method='extract_features')
+  feats = jax.jit(lambda v, x: model.apply(v, x, method='extract_features'))(variables, x)
   torch_mod.eval()
   with torch.no_grad():
     want = torch_mod(nchw(x))[1:]
