@@ -137,6 +137,25 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# Long enough for a pod's slowest host to finish compiling the step.
+_COMPILE_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+
+
+def _compile_together(step_fn, state, batch):
+  """Compiles the step, then waits until every process has compiled it.
+
+  Processes finish compiling at different times (minutes apart on a busy
+  host), and the first collective of the step sets up the cross-process
+  channel with its own short deadline (30 s for CPU's gloo), so a late
+  process would fail the early ones' first step. The wait is a barrier of
+  JAX's coordination service, which needs no device and has a long timeout.
+  """
+  compiled = step_fn.lower(state, batch).compile()
+  if jax.process_count() > 1:
+    distributed.global_state.client.wait_at_barrier('cgrseg_train_step_compiled', _COMPILE_BARRIER_TIMEOUT_MS)
+  return compiled
+
+
 def _save_config(config, workdir: str):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -238,6 +257,7 @@ def train_and_evaluate(
   pending = None  # (step, metrics) of the previous step: checked one step late to keep the device busy
   t_last, n_last = time.time(), 0
   finished = False
+  compiled_step = None
 
   def check(pending_item):
     step_done, m = pending_item
@@ -261,7 +281,9 @@ def train_and_evaluate(
       for step in range(start, total):
         local = next(train_it)
         batch = dp.make_global_batch(local, mesh)
-        state, metrics = step_fn(state, batch)
+        if compiled_step is None:
+          compiled_step = _compile_together(step_fn, state, batch)
+        state, metrics = compiled_step(state, batch)
         done = step + 1
         if on_step is not None:
           on_step(done, local)

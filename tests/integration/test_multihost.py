@@ -23,6 +23,10 @@ def _run_worker(out, workdir, overrides, env_extra=None, extra_args=()):
   env.pop('XLA_FLAGS', None)
   env.pop('SIGTERM_AT', None)
   env.update(env_extra or {})
+  if extra_args:
+    # Several processes: no persistent compilation cache. With executables read
+    # back from it (jax 0.10.2, CPU), the first gloo collective fails to connect.
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
   cmd = [
     sys.executable,
     os.path.join(TESTS_DIR, 'train_worker.py'),
