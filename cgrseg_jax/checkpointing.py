@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from cgrseg_jax import errors
+from cgrseg_jax import errors, storage
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ DAMAGED = '.damaged-'
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
-def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.CheckpointManager:
+def make_manager(directory, keep: int, best_metric: str = 'mIoU') -> ocp.CheckpointManager:
   """Manager keeping the latest `keep` steps and the best one by `best_metric`."""
   policies = ocp.checkpoint_managers
   preservation = policies.AnyPreservationPolicy(
@@ -70,7 +70,7 @@ def make_manager(directory: str, keep: int, best_metric: str = 'mIoU') -> ocp.Ch
     cleanup_tmp_directories=True,
     todelete_subdir=TRASH,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'data'), options=options)
+  return ocp.CheckpointManager(storage.path(directory), item_names=('state', 'data'), options=options)
 
 
 def _restore_args(abstract_state: Any, data_iterator: Any):
@@ -91,20 +91,19 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _check_step_files(step_dir: str) -> None:
+def _check_step_files(step_dir) -> None:
   """Cheap checks before reading arrays: the items and the JSON metadata orbax needs."""
   for item in ('state', 'data'):
-    if not os.path.isdir(os.path.join(step_dir, item)):
+    if not (step_dir / item).is_dir():
       raise FileNotFoundError(f'{item}/ is missing')
-  data_file = os.path.join(step_dir, 'data', f'process_{jax.process_index()}-of-{jax.process_count()}.json')
-  for path in (os.path.join(step_dir, '_CHECKPOINT_METADATA'), os.path.join(step_dir, 'state', '_METADATA'), data_file):
+  data_file = f'data/process_{jax.process_index()}-of-{jax.process_count()}.json'
+  for name in ('_CHECKPOINT_METADATA', 'state/_METADATA', data_file):
     try:
-      with open(path) as f:
-        json.load(f)
+      json.loads((step_dir / name).read_text())
     except FileNotFoundError:
-      raise FileNotFoundError(f'{os.path.relpath(path, step_dir)} is missing') from None
+      raise FileNotFoundError(f'{name} is missing') from None
     except (ValueError, UnicodeDecodeError) as e:
-      raise ValueError(f'{os.path.relpath(path, step_dir)} is not valid JSON ({e})') from None
+      raise ValueError(f'{name} is not valid JSON ({e})') from None
 
 
 def _chain(e: BaseException) -> list[BaseException]:
@@ -197,8 +196,8 @@ class RunCheckpoints:
   system is shared, process 0 does the renames and deletions.
   """
 
-  def __init__(self, directory: str, keep: int, best_metric: str = 'mIoU'):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, keep: int, best_metric: str = 'mIoU'):
+    self.directory = storage.path(directory)
     self.manager = make_manager(self.directory, keep, best_metric)
     self._pending: Optional[tuple[int, int]] = None  # (step, state bytes) of the save that may still be writing
     self._empty_trash()
@@ -209,7 +208,7 @@ class RunCheckpoints:
     return self.manager.latest_step()
 
   def damaged(self) -> list[str]:
-    return sorted(d for d in os.listdir(self.directory) if DAMAGED in d)
+    return sorted(d.name for d in self.directory.iterdir() if DAMAGED in d.name) if self.directory.exists() else []
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, Optional[int]]:
     """(state, step) of the newest step that restores on every process, or (None, None) if there is none.
@@ -239,7 +238,7 @@ class RunCheckpoints:
     failed: list[tuple[int, str, str]] = []  # (step, slug, reason)
     try:
       for step in steps:
-        step_dir = os.path.join(self.directory, str(step))
+        step_dir = self.directory / str(step)
         state, why = None, None
         try:
           _check_step_files(step_dir)
@@ -267,14 +266,13 @@ class RunCheckpoints:
       return
     if jax.process_index() == 0:
       for step, slug, reason in failed:
-        src = os.path.join(self.directory, str(step))
-        dst, n = f'{src}{DAMAGED}{slug}', 1
-        while os.path.exists(dst):
+        src = self.directory / str(step)
+        dst, n = self.directory / f'{step}{DAMAGED}{slug}', 1
+        while dst.exists():
           n += 1
-          dst = f'{src}{DAMAGED}{slug}-{n}'
-        os.rename(src, dst)
-        with open(os.path.join(dst, 'DAMAGED.txt'), 'w') as f:
-          f.write(reason + '\n')
+          dst = self.directory / f'{step}{DAMAGED}{slug}-{n}'
+        src.rename(dst)  # on object storage a copy and delete, as every rename there
+        (dst / 'DAMAGED.txt').write_text(reason + '\n')
         log.warning('moved damaged checkpoint %s to %s (kept for inspection)', src, dst)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('cgrseg_quarantine_damaged_checkpoints')
@@ -326,8 +324,8 @@ class RunCheckpoints:
 
   def _disk_error(self, step: Optional[int], nbytes: int, os_error: OSError) -> errors.CheckpointError:
     try:
-      free = f'{shutil.disk_usage(self.directory).free / 2**20:.0f} MiB free there now'
-    except OSError:
+      free = f'{shutil.disk_usage(os.fspath(self.directory)).free / 2**20:.0f} MiB free there now'
+    except (OSError, TypeError):
       free = 'free space unknown'
     self.manager.reload()
     good = self.manager.latest_step()
@@ -340,11 +338,14 @@ class RunCheckpoints:
 
   def _empty_trash(self) -> None:
     """Remove the steps retention moved to `.deleting/` (process 0; the rename already took them out of use)."""
-    trash = os.path.join(self.directory, TRASH)
-    if jax.process_index() != 0 or not os.path.isdir(trash):
+    trash = self.directory / TRASH
+    if jax.process_index() != 0 or not trash.is_dir():
       return
-    for name in os.listdir(trash):
-      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+    for item in trash.iterdir():
+      try:
+        item.rmtree()
+      except OSError:  # gone already, or still being moved in: the next call finishes it
+        pass
 
 
 def _find_disk_error(exc: BaseException) -> Optional[OSError]:

@@ -24,3 +24,7 @@ class ConversionError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
   """A run checkpoint cannot be saved or restored."""
+
+
+class StorageError(UserError, OSError):
+  """A path (local or gs://) cannot be read or written."""

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cgrseg_jax import convert, errors, torch_files
+from cgrseg_jax import convert, errors, storage, torch_files
 from cgrseg_jax.models import registry
 from cgrseg_jax.models.key_layout import LoadReport
 
@@ -70,9 +70,10 @@ def load(
   kinds: tuple[str, ...] = KINDS,
 ) -> Loaded:
   """Read `path` (any of `kinds`) and check it against `model`/`variant`/`num_classes`."""
-  if not os.path.exists(path):
+  where = storage.path(path)
+  if not where.exists():
     raise LoadError(f'{path}: no such file or directory (expected a .pth file or a checkpoint directory)')
-  if os.path.isdir(path):
+  if where.is_dir():
     loaded = _load_directory(path, kinds)
   else:
     loaded = _load_torch(path, kinds, model, variant)
@@ -133,14 +134,13 @@ def _read_torch(path: str) -> dict:
 
 
 def _load_directory(path: str, kinds) -> Loaded:
-  meta_path = os.path.join(path, META_FILE)
-  if os.path.exists(meta_path) and 'converted' in kinds:
-    with open(meta_path) as f:
-      meta = json.load(f)
+  meta_path = storage.path(path) / META_FILE
+  if meta_path.exists() and 'converted' in kinds:
+    meta = json.loads(meta_path.read_text())
     name, k = meta['model'], int(meta['num_classes'])
     template = registry.family_of(name).variable_shapes(name, k)
     with ocp.StandardCheckpointer() as ckptr:
-      variables = ckptr.restore(os.path.join(os.path.abspath(path), 'variables'), template)
+      variables = ckptr.restore(storage.path(path) / 'variables', template)
     return Loaded(_host(variables), name, k, 'converted', path)
   step_dir, kind = _find_step(path)
   if step_dir is None or kind not in kinds:
@@ -155,19 +155,20 @@ def _load_directory(path: str, kinds) -> Loaded:
 
 def _find_step(path: str) -> tuple[Optional[str], str]:
   """(step directory, 'step' | 'workdir') of a step dir, a checkpoints dir or a run dir."""
-  if os.path.isdir(os.path.join(path, 'state')):
+  where = storage.path(path)
+  if (where / 'state').is_dir():
     return path, 'step'
-  for sub in (path, os.path.join(path, 'checkpoints')):
-    if os.path.isdir(sub):
-      steps = [int(d) for d in os.listdir(sub) if d.isdigit() and os.path.isdir(os.path.join(sub, d, 'state'))]
+  for sub in (where, where / 'checkpoints'):
+    if sub.is_dir():
+      steps = [int(d.name) for d in sub.iterdir() if d.name.isdigit() and (d / 'state').is_dir()]
       if steps:
-        return os.path.join(sub, str(max(steps))), 'workdir'
+        return os.fspath(sub / str(max(steps))), 'workdir'
   return None, ''
 
 
 def _restore_state(step_dir: str) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore(os.path.join(os.path.abspath(step_dir), 'state'))
+    restored = ckptr.restore(storage.path(step_dir) / 'state')
   try:
     return _host({'params': restored['params'], 'batch_stats': restored['batch_stats']})
   except (KeyError, TypeError):
@@ -176,10 +177,9 @@ def _restore_state(step_dir: str) -> dict:
 
 def _run_model(step_dir: str, variables) -> tuple[str, int]:
   """Model and classes of a run: its config.json, else read off the weights."""
-  config_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(step_dir))), 'config.json')
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      model_cfg = json.load(f).get('model', {})
+  config_path = storage.path(step_dir).parent.parent / 'config.json'
+  if config_path.exists():
+    model_cfg = json.loads(config_path.read_text()).get('model', {})
     if model_cfg.get('name') in registry.model_names():
       return model_cfg['name'], int(model_cfg['num_classes'])
   errs = []
@@ -207,12 +207,13 @@ def _host(variables) -> dict:
 def save_converted(directory: str, variables: Mapping[str, Any], model: str, num_classes: int, source: str = ''):
   """Write variables as an orbax item `variables/` plus `model.json` (model
   name, classes, source): the `converted` format `load` reads."""
-  directory = os.path.abspath(directory)
+  directory = storage.path(directory)
   tree = {c: variables[c] for c in ('params', 'batch_stats')}
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, 'variables'), tree)
-  with open(os.path.join(directory, META_FILE), 'w') as f:
-    json.dump(dict(model=model, num_classes=int(num_classes), source=source), f, indent=2)
+    ckptr.save(directory / 'variables', tree)
+  (directory / META_FILE).write_text(
+    json.dumps(dict(model=model, num_classes=int(num_classes), source=source), indent=2)
+  )
 
 
 # ------------------------------------------------------------ initial weights

@@ -7,11 +7,12 @@ the same files. Needs PyTorch (the `torch` extra).
 
 from __future__ import annotations
 
+import io
 from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from cgrseg_jax import errors
+from cgrseg_jax import errors, storage
 
 
 def read_state_dict(path: str) -> dict:
@@ -20,7 +21,8 @@ def read_state_dict(path: str) -> dict:
   import torch  # the `torch` extra: only .pth files need PyTorch
 
   try:
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    source = path if storage.is_local(path) else io.BytesIO(storage.path(path).read_bytes())  # gs:// and the like
+    ckpt = torch.load(source, map_location='cpu', weights_only=True)
   except FileNotFoundError:
     raise
   except Exception as e:  # a pickle with arbitrary objects, or not a checkpoint at all
@@ -43,4 +45,10 @@ def write_mmseg_checkpoint(path: str, state: Mapping[str, Any], meta: Optional[d
   import torch  # the `torch` extra: only .pth files need PyTorch
 
   tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-  torch.save({'meta': dict(meta or {}), 'state_dict': tensors}, path)
+  checkpoint = {'meta': dict(meta or {}), 'state_dict': tensors}
+  if storage.is_local(path):
+    torch.save(checkpoint, path)
+  else:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    storage.path(path).write_bytes(buffer.getvalue())

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -23,11 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from cgrseg_jax import checkpointing, evaluation, loader, losses, metric_writer, optim
+from cgrseg_jax import checkpointing, evaluation, loader, losses, metric_writer, optim, preemption, profiling, storage
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
 from cgrseg_jax.evaluation import metric
@@ -81,89 +78,13 @@ def _replicate(tree, sharding):
   )
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves and exits at a step boundary.
-
-  Every process installs the handler. With several processes they must save
-  the same step, without waiting for each other on the host (a process
-  blocked there would hold back the collectives of the others' next step).
-  A signalled process proposes `its step + MARGIN` as the stop step in the
-  key-value store of JAX's coordination service (the first proposal wins:
-  the key is never overwritten); every process reads it at each step
-  boundary (one small RPC, no device work) and stops there. MARGIN = 2 is
-  enough: a process at boundary d has finished step d - 1 (the loop reads
-  its loss), whose collectives needed every other process to dispatch it,
-  so nobody is more than 2 boundaries past the proposer when the key
-  appears. A stop step past `total_steps` is simply the normal end.
-  """
-
-  DIR = 'cgrseg_preemption/'
-  KEY = DIR + 'stop_at'
-  MARGIN = 2
-
-  def __init__(self):
-    self.flag = False
-    self._previous = None
-    self._client = None
-    self._stop_at = None
-
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
-    if jax.process_count() > 1:
-      self._client = distributed.global_state.client
-    return self
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def should_stop(self, step: int) -> bool:
-    if self._client is None:
-      return self.flag
-    if self._stop_at is None:
-      if self.flag:
-        try:
-          self._client.key_value_set(self.KEY, str(step + self.MARGIN))
-        except Exception:  # another process proposed first: its step stands
-          pass
-      found = self._client.key_value_dir_get(self.DIR)
-      if found:
-        self._stop_at = int(found[0][1])
-        log.warning('preemption notice: all processes save and stop after step %d', self._stop_at)
-    return self._stop_at is not None and step >= self._stop_at
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-# Long enough for a pod's slowest host to finish compiling the step.
-_COMPILE_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
-
-
-def _compile_together(step_fn, state, batch):
-  """Compiles the step, then waits until every process has compiled it.
-
-  Processes finish compiling at different times (minutes apart on a busy
-  host), and the first collective of the step sets up the cross-process
-  channel with its own short deadline (30 s for CPU's gloo), so a late
-  process would fail the early ones' first step. The wait is a barrier of
-  JAX's coordination service, which needs no device and has a long timeout.
-  """
-  compiled = step_fn.lower(state, batch).compile()
-  if jax.process_count() > 1:
-    distributed.global_state.client.wait_at_barrier('cgrseg_train_step_compiled', _COMPILE_BARRIER_TIMEOUT_MS)
-  return compiled
-
-
-def _save_config(config, workdir: str):
+def _save_config(config, workdir):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
 
-def _run_eval(evaluator, variables, writer, step: int) -> dict:
-  metrics = evaluator(variables)
+def _run_eval(evaluator, variables, writer, step: int, check) -> dict:
+  metrics = evaluator(variables, check=check)
   metric.log_metrics(step, metrics)
   writer.write(step, metrics, 'val')
   return metrics
@@ -178,10 +99,18 @@ def train_and_evaluate(
   use it to record the batches and to send SIGTERM). Returns a summary dict:
   `step` reached, `status` ('done' | 'preempted'), last `val` metrics.
   Raises FloatingPointError on a non-finite loss (no checkpoint is written
-  after it, so the last good one stays the latest).
+  after it, so the last good one stays the latest). A SIGTERM at any moment
+  (set-up, compilation, a step, evaluation) stops every process at one point
+  (preemption.py); the last finished step is saved if it is new.
   """
+  with preemption.Preemption() as stop:
+    return _train(config, workdir, on_step, stop)
+
+
+def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
   config = input_pipeline.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
-  os.makedirs(workdir, exist_ok=True)
+  # A workdir that cannot be written fails here, in one line, not at the first save hours later.
+  workdir = storage.check_writable(workdir)
   _save_config(config, workdir)
 
   # ---- mesh: every device of every process on one data axis
@@ -228,7 +157,7 @@ def train_and_evaluate(
   )
 
   # ---- checkpoint: resume from workdir (the newest step that restores), else config.init
-  ckpts = checkpointing.RunCheckpoints(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints)
+  ckpts = checkpointing.RunCheckpoints(workdir / 'checkpoints', config.keep_checkpoints)
   try:
     state, latest = ckpts.restore_latest(abstract, train_it)
     if latest is not None:
@@ -276,15 +205,28 @@ def train_and_evaluate(
     ckpts.save(step, state, train_it, metrics=metrics, force=force)
     last_saved = step
 
+  def stopped(where: str):
+    summary['status'] = 'preempted'
+    if pending is not None:
+      check(pending)
+      save(pending[0], force=True)
+      log.warning('SIGTERM %s: saved step %d, exiting', where, pending[0])
+    else:
+      log.warning('SIGTERM %s: nothing new to save (step %d is the latest), exiting', where, start)
+
+  profile = profiling.StepProfile(config.get('profile_steps'), workdir)
   try:
-    with _Preemption() as preemption:
+    try:
       for step in range(start, total):
         local = next(train_it)
         batch = dp.make_global_batch(local, mesh)
         if compiled_step is None:
-          compiled_step = _compile_together(step_fn, state, batch)
-        state, metrics = compiled_step(state, batch)
+          compiled_step = stop.compile(lambda: step_fn.lower(state, batch).compile(), 'train step')
+        profile.before(step)
+        with profile.annotate(step):
+          state, metrics = compiled_step(state, batch)
         done = step + 1
+        profile.after(done, metrics)
         if on_step is not None:
           on_step(done, local)
         if pending is not None:
@@ -327,21 +269,20 @@ def train_and_evaluate(
           check(pending)  # never checkpoint a non-finite state
         val = None
         if eval_now:
-          val = _run_eval(evaluator, state.variables, writer, done)
+          val = _run_eval(evaluator, state.variables, writer, done, stop.check)
           summary['val'] = val
           if bar is not None:
             bar.write(f'step {done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')
         if eval_now or ckpt_now:
           save(done, {'mIoU': val['mIoU']} if val else None)
 
-        if preemption.should_stop(done):
-          check(pending)
-          save(done, force=True)
-          summary['status'] = 'preempted'
-          log.warning('SIGTERM: saved step %d, exiting', done)
-          break
+        stop.check()
       if pending is not None:
         check(pending)
+    except preemption.Stopped:
+      stopped('during compilation' if compiled_step is None else 'at a step or during evaluation')
+    finally:
+      profile.close()
     ckpts.wait()  # a failed background write raises here
     finished = True
   finally:

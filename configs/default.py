@@ -27,6 +27,10 @@ def get_config(dataset: str = 'ade20k'):
   c.data.dataset = dataset  # a registered name: ade20k | coco_stuff10k | pascal_context59 | cityscapes | camvid | synthetic | custom ...
   # The mmseg layout root (default: where mmseg keeps it, e.g. data/ade/ADEChallengeData2016).
   c.data.root = ml_collections.FieldReference(info.default_root, field_type=str)
+  # ArrayRecord shards of the dataset (scripts/write_shards.py), local or gs://: the
+  # folder holding <train_split>/ and <val_split>/ with their manifest.json. When
+  # set, samples come from there instead of data.root (same samples, same order).
+  c.data.shards = ''
   c.data.train_split = 'train'
   c.data.val_split = 'val'
   c.data.img_scale = info.img_scale  # keep-ratio Resize scale, train (base of the random ratio) and test
@@ -137,6 +141,9 @@ def get_config(dataset: str = 'ade20k'):
   c.checkpoint_every = 4000  # also at every eval and at the end
   c.keep_checkpoints = 3  # the last N; the best by mIoU is kept too
   c.progress_bar = True
+  # (first, last): a jax.profiler trace of training steps first..last (0-based) to
+  # <workdir>/profile (gs:// too), for TensorBoard's profile plugin. () = off.
+  c.profile_steps = ()
 
   # ---- evaluation (training-time and --mode=eval): the evaluator plugin
   # (evaluation.EVALUATORS): 'auto' = 'segmenter' (evaluation/segmenter.py) when

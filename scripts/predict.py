@@ -5,7 +5,7 @@
   python scripts/predict.py --checkpoint=cgrseg_t.pth --output=out --mode=slide --crop=512,512 --stride=341,341 x.jpg
 
 Inputs are files, folders (images directly inside; `--recursive` for
-subfolders) or glob patterns. Per image `<name>` the output folder gets
+subfolders) or glob patterns, local or on gs:// (as is --output). Per image `<name>` the output folder gets
 
   <name>_color.png    the label map in the dataset palette
   <name>_overlay.png  the image blended with it (`--opacity`)
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cgrseg_jax import config_files
+from cgrseg_jax import config_files, errors, storage
 from cgrseg_jax.inference import Segmenter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,21 +40,26 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def collect_inputs(specs, recursive: bool = False) -> tuple[list[str], list[str]]:
   """(image paths in a stable order, error messages for specs that match nothing)."""
-  found, errors = [], []
+  found, problems = [], []
   for spec in specs:
+    if not storage.is_local(spec):
+      paths, error = _collect_remote(spec, recursive)
+      found.extend(paths)
+      problems.extend([error] if error else [])
+      continue
     if os.path.isdir(spec):
       pattern = os.path.join(spec, '**', '*') if recursive else os.path.join(spec, '*')
       paths = sorted(
         p for p in glob.glob(pattern, recursive=recursive) if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS)
       )
       if not paths:
-        errors.append(f'{spec}: folder has no images ({", ".join(IMAGE_EXTENSIONS)})')
+        problems.append(f'{spec}: folder has no images ({", ".join(IMAGE_EXTENSIONS)})')
     elif os.path.isfile(spec):
       paths = [spec]  # named explicitly: tried whatever its extension
     else:
       paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
       if not paths:
-        errors.append(f'{spec}: no such file, folder or matching glob')
+        problems.append(f'{spec}: no such file, folder or matching glob')
     found.extend(paths)
   seen, unique = set(), []
   for p in found:
@@ -62,21 +67,50 @@ def collect_inputs(specs, recursive: bool = False) -> tuple[list[str], list[str]
     if key not in seen:
       seen.add(key)
       unique.append(p)
-  return unique, errors
+  return unique, problems
+
+
+def _collect_remote(spec: str, recursive: bool) -> tuple[list[str], str]:
+  """collect_inputs for one gs:// (or other object store) file, folder or pattern."""
+  where = storage.path(spec)
+  if where.is_dir():
+    items = storage.walk_files(where) if recursive else [os.fspath(p) for p in where.iterdir() if not p.is_dir()]
+    paths = sorted(p for p in items if p.lower().endswith(IMAGE_EXTENSIONS))
+    return paths, '' if paths else f'{spec}: folder has no images ({", ".join(IMAGE_EXTENSIONS)})'
+  if where.is_file():
+    return [spec], ''
+  scheme, rest = spec.split('://', 1)
+  parts = rest.split('/')
+  wild = next((i for i, part in enumerate(parts) if any(c in part for c in '*?[')), None)
+  if wild is None or wild == 0:
+    return [], f'{spec}: no such file, folder or matching glob'
+  base = storage.path(f'{scheme}://' + '/'.join(parts[:wild]))
+  paths = sorted(os.fspath(p) for p in base.glob('/'.join(parts[wild:])) if not p.is_dir())
+  return paths, '' if paths else f'{spec}: no such file, folder or matching glob'
 
 
 def read_rgb(path: str) -> np.ndarray:
   """RGB uint8 (H, W, 3); raises ValueError naming the file if unreadable."""
-  data = np.fromfile(path, np.uint8) if os.path.isfile(path) else None
+  try:
+    data = np.frombuffer(storage.read_bytes(path), np.uint8)
+  except OSError:
+    data = None
   image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
   if image is None:
     raise ValueError(f'{path}: cannot read the image (missing, empty, corrupt or unsupported format)')
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+def write_png(path: str, image: np.ndarray):
+  """A PNG of `image` (BGR or single-channel) at `path`, local or gs://."""
+  ok, data = cv2.imencode('.png', image)
+  if not ok:
+    raise OSError(f'{path}: could not encode the PNG')
+  storage.path(path).write_bytes(data.tobytes())
+
+
 def write_rgb(path: str, rgb: np.ndarray):
-  if not cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-    raise OSError(f'{path}: could not write the PNG')
+  write_png(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def classes_present(labels: np.ndarray, names) -> list[dict]:
@@ -166,6 +200,7 @@ def main(argv=None) -> int:
     print('error: no input images', file=sys.stderr)
     return 1
 
+  output = storage.check_writable(args.output, 'output folder')
   if args.mode == 'slide' and (args.crop is None or args.stride is None):
     defaults = config_files.load(os.path.join(REPO, 'configs', 'default.py')).eval
     args.crop, args.stride = args.crop or tuple(defaults.crop_size), args.stride or tuple(defaults.stride)
@@ -184,7 +219,6 @@ def main(argv=None) -> int:
   if args.tta_scales or args.flip:
     scales = [float(s) for s in args.tta_scales.split(',')] if args.tta_scales else [1.0]
     tta = dict(scales=scales, flip=args.flip)
-  os.makedirs(args.output, exist_ok=True)
 
   bar = None
   if not args.no_progress:
@@ -206,14 +240,13 @@ def main(argv=None) -> int:
       for (path, stem, image), lab in zip(images, labels):
         try:
           present = classes_present(lab, seg.class_names)
-          out = os.path.join(args.output, stem)
+          out = os.fspath(output / stem)
           write_rgb(out + '_color.png', seg.colorize(lab))
           write_rgb(out + '_overlay.png', seg.overlay(image, lab, args.opacity))
           write_rgb(out + '_legend.png', legend_image(present, seg.palette))
           if args.raw:
             ids = lab.astype(np.uint8 if seg.num_classes <= 256 else np.uint16)
-            if not cv2.imwrite(out + '_labels.png', ids):
-              raise OSError(f'{out}_labels.png: could not write the PNG')
+            write_png(out + '_labels.png', ids)
           summary[path] = dict(output=stem, size=list(lab.shape), classes=present)
         except OSError as e:
           print(f'error: {e}', file=sys.stderr)
@@ -222,8 +255,8 @@ def main(argv=None) -> int:
       bar.update(len(chunk))
   if bar is not None:
     bar.close()
-  with open(os.path.join(args.output, 'predictions.json'), 'w') as f:
-    json.dump(dict(checkpoint=args.checkpoint, settings=seg.info(), tta=tta, images=summary), f, indent=2)
+  record = dict(checkpoint=args.checkpoint, settings=seg.info(), tta=tta, images=summary)
+  (output / 'predictions.json').write_text(json.dumps(record, indent=2))
   print(
     f'{len(summary)} images segmented into {args.output} in {time.perf_counter() - t0:.1f}s'
     + (f'; {n_failed} failed' if n_failed else ''),
@@ -233,4 +266,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except errors.UserError as e:  # a bad checkpoint or output path: one line, not a traceback
+    print(f'error ({type(e).__name__}): {e}', file=sys.stderr)
+    sys.exit(2)

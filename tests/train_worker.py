@@ -5,13 +5,18 @@
 Trains the synthetic tiny config with the overrides, then writes the final
 params (flattened by upstream name), the val metrics, the run's status and
 step to OUT_NPZ (OUT_NPZ.<process>.npz with several processes).
-SIGTERM_AT=<process>:<step> sends SIGTERM to that process after that step.
+SIGTERM_AT=<process>:<step> sends SIGTERM to that process after that step,
+SIGKILL_AT=<step>:<saved> SIGKILL (no handler, no cleanup: a lost machine)
+after that step, once the checkpoint of step <saved> has been committed.
+The toy family (tests/toy_family.py) is registered: `model.name=toy_small`
+compiles in seconds where the question is the run, not the model.
 """
 
 import json
 import os
 import signal
 import sys
+import time
 
 import jax  # noqa: E402
 
@@ -22,9 +27,12 @@ if len(sys.argv) > 4:
   )
 
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from etils import epath  # noqa: E402
 
 from cgrseg_jax import train  # noqa: E402
 from cgrseg_jax.models import registry  # noqa: E402
+import toy_family  # noqa: E402
 from train_config import tiny_config  # noqa: E402
 
 
@@ -33,11 +41,21 @@ def main():
   config = tiny_config(**overrides)
   seen = []
   term_process, term_step = map(int, os.environ.get('SIGTERM_AT', '-1:-1').split(':'))
+  kill_step, kill_saved = map(int, os.environ.get('SIGKILL_AT', '-1:-1').split(':'))
+  if 'toy' not in [f.name for f in registry.families()]:
+    registry.register(toy_family.FAMILY)
 
   def on_step(step, batch):
     seen.append(batch['index'].tolist())
     if step == term_step and jax.process_index() == term_process:
       os.kill(os.getpid(), signal.SIGTERM)
+    if step == kill_step:
+      deadline = time.time() + 120  # the save is asynchronous: wait for its commit
+      while kill_saved not in ocp.path.step.checkpoint_steps(epath.Path(workdir) / 'checkpoints'):
+        if time.time() > deadline:
+          raise TimeoutError(f'checkpoint {kill_saved} not committed')
+        time.sleep(0.2)
+      os.kill(os.getpid(), signal.SIGKILL)
 
   result = train.train_and_evaluate(config, workdir, on_step=on_step)
   params = jax.device_get(result['state'].params)

@@ -26,8 +26,8 @@ import grain
 import jax
 import numpy as np
 
-from cgrseg_jax import errors
-from cgrseg_jax.data import datasets
+from cgrseg_jax import errors, storage
+from cgrseg_jax.data import datasets, shards
 from cgrseg_jax.data import pipeline as dp
 from cgrseg_jax.data.datasets import DatasetInfo
 
@@ -89,6 +89,32 @@ def dataset_info(config) -> DatasetInfo:
   if d.dataset == 'synthetic':
     return datasets.synthetic_info(d.synthetic.num_classes)
   return datasets.get(d.dataset)
+
+
+def sharded_source(config, split: str):
+  """(source, info) of `split` from config.data.shards, or (None, None) when that is unset."""
+  if not config.data.get('shards'):
+    return None, None
+  info = dataset_info(config)
+  return shards.ShardSource(storage.path(config.data.shards) / split, info), info
+
+
+def write_shards(config, output, num_shards: int, kinds=('train', 'val'), progress=None) -> dict:
+  """Write the config's train / val samples (those `data.root` gives) as ArrayRecord
+  shards under `output` (scripts/write_shards.py); returns {split: manifest}.
+  `progress(split, total, n)` is called as samples are written."""
+  config = with_dataset_defaults(config)
+  d = config.data
+  written = {}
+  for kind in kinds:
+    if kind not in ('train', 'val'):
+      raise errors.ConfigError(f'shard splits: {kind!r}; expected train and/or val')
+    split = d.train_split if kind == 'train' else d.val_split
+    kwargs = source_kwargs(config, kind)
+    source, info = dp.resolve_source(d.dataset, d.root, split, source_kwargs=kwargs or None)
+    report = (lambda n, split=split, total=len(source): progress(split, total, n)) if progress else None
+    written[split] = shards.write_split(source, info, output, split, min(num_shards, len(source)), report)
+  return written
 
 
 def with_dataset_defaults(config):
@@ -161,6 +187,7 @@ def train_iterator(config) -> ShardedTrainIterator:
     raise errors.ConfigError(f'config.batch_size={config.batch_size} does not divide over {count} data shards')
   d = config.data
   kwargs = source_kwargs(config, 'train')
+  source, info = sharded_source(config, d.train_split)
   its = []
   for s in shards:
     its.append(
@@ -179,6 +206,8 @@ def train_iterator(config) -> ShardedTrainIterator:
         shard_count=count,
         worker_buffer=d.prefetch,
         source_kwargs=kwargs or None,
+        source=source,
+        info=info,
       )
     )
   return ShardedTrainIterator(its)
@@ -195,8 +224,9 @@ def eval_data(config) -> dp.EvalData:
   if config.eval_batch_size % n_proc:
     raise errors.ConfigError(f'config.eval_batch_size={config.eval_batch_size} does not divide over {n_proc} processes')
   kwargs = source_kwargs(config, 'val')
+  source, info = sharded_source(config, d.val_split)
   source, info = dp.resolve_source(
-    d.dataset, d.root, d.val_split, source_kwargs=kwargs or None, num_classes=config.model.num_classes
+    d.dataset, d.root, d.val_split, source, info, source_kwargs=kwargs or None, num_classes=config.model.num_classes
   )
   if d.get('eval_max_images'):
     source = _Head(source, d.eval_max_images)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from .. import errors
+from .. import errors, storage
 from . import datasets, synthetic
 from .datasets import IGNORE_INDEX, DatasetInfo
 
@@ -59,8 +59,7 @@ class DataError(errors.DataError):
 
 def _read_bytes(path: str) -> bytes:
   try:
-    with open(path, 'rb') as f:
-      return f.read()
+    return storage.read_bytes(path)
   except OSError as e:
     raise DataError(path, f'cannot read file ({e.strerror or e})') from e
 
@@ -178,8 +177,7 @@ def image_size(path: str) -> tuple[int, int]:
   """(height, width) from a PNG or JPEG header without decoding; falls back
   to a full decode for other formats."""
   try:
-    with open(path, 'rb') as f:
-      head = f.read(64 * 1024)
+    head = storage.read_head(path, 64 * 1024)
   except OSError as e:
     raise DataError(path, f'cannot read file ({e.strerror or e})') from e
   if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':
@@ -276,19 +274,8 @@ class SegmentationFiles:
     return image_size(self.label_paths[index])
 
 
-def _scan(directory: str, suffix: str) -> list[str]:
-  """Files under ``directory`` (recursively) ending with ``suffix``, as
-  paths relative to ``directory``, sorted (mmcv ``scandir`` order)."""
-  found = []
-  for dirpath, _, filenames in os.walk(directory):
-    for fn in filenames:
-      if fn.endswith(suffix):
-        found.append(os.path.relpath(os.path.join(dirpath, fn), directory))
-  return sorted(found)
-
-
 def _require_dir(path: str, what: str) -> None:
-  if not os.path.isdir(path):
+  if not storage.path(path).is_dir():
     raise DataError(path, f'{what} directory does not exist (wrong root or layout?)')
 
 
@@ -301,29 +288,32 @@ def paired_files(
   split_file: str | None = None,
 ) -> tuple[list[str], list[str]]:
   """mmseg ``CustomDataset.load_annotations``: pair ``<stem><img_suffix>``
-  with ``<stem><seg_map_suffix>``; with a split file, one stem per line."""
+  with ``<stem><seg_map_suffix>``; with a split file, one stem per line.
+  Each directory is listed once (one listing, not a request per file, on gs://)."""
   _require_dir(img_dir, 'image')
   _require_dir(ann_dir, 'annotation')
+  image_stems = [r[: -len(img_suffix)] for r in storage.files_under(img_dir, img_suffix)]
   if split_file is not None:
-    if not os.path.isfile(split_file):
+    if not storage.path(split_file).is_file():
       raise DataError(split_file, 'split file does not exist')
-    with open(split_file) as f:
-      stems = [line.strip() for line in f if line.strip()]
+    stems = [line.strip() for line in storage.path(split_file).read_text().splitlines() if line.strip()]
     if not stems:
       raise DataError(split_file, 'split file lists no samples')
+    present = set(image_stems)
     for stem in stems:
-      p = os.path.join(img_dir, stem + img_suffix)
-      if not os.path.isfile(p):
-        raise DataError(p, f'image listed in split file {split_file} does not exist')
+      if stem not in present:
+        raise DataError(
+          os.path.join(img_dir, stem + img_suffix), f'image listed in split file {split_file} does not exist'
+        )
   else:
-    rel = _scan(img_dir, img_suffix)
-    if not rel:
+    if not image_stems:
       raise DataError(img_dir, f'no images ending with {img_suffix!r} (empty directory or wrong layout)')
-    stems = [r[: -len(img_suffix)] for r in rel]
+    stems = image_stems
+  labelled = {r[: -len(seg_map_suffix)] for r in storage.files_under(ann_dir, seg_map_suffix)}
   images = [os.path.join(img_dir, s + img_suffix) for s in stems]
   labels = [os.path.join(ann_dir, s + seg_map_suffix) for s in stems]
-  for img, lbl in zip(images, labels):
-    if not os.path.isfile(lbl):
+  for stem, img, lbl in zip(stems, images, labels):
+    if stem not in labelled:
       raise DataError(lbl, f'label file for image {img} is missing')
   return images, labels
 
@@ -332,7 +322,7 @@ def paired_files(
 
 
 def _missing_data_hint(info: DatasetInfo, root: str) -> str:
-  lines = [f'\n  dataset {info.name!r} looked for at root {os.path.abspath(root)}']
+  lines = [f'\n  dataset {info.name!r} looked for at root {storage.path(root)}']
   if info.layout is not None:
     lines.append(f'  expected layout: {info.layout.describe()}')
   if info.obtain:

@@ -14,13 +14,13 @@ the metrics dict.
 
 from __future__ import annotations
 
-import os
+import logging
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from cgrseg_jax import errors, loader, metric_writer
+from cgrseg_jax import errors, loader, metric_writer, preemption, storage
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.evaluation import bucketed, metric, segmenter
 from cgrseg_jax.models import registry
@@ -46,11 +46,15 @@ def make_evaluator(config, model, mesh):
   return EVALUATORS[evaluator_name(config)](config, model, mesh)
 
 
-def run(config, workdir: str) -> dict:
+log = logging.getLogger(__name__)
+
+
+def run(config, workdir: str) -> dict | None:
   """`--mode=eval`: evaluate `config.init` (any format `loader.load` reads) or,
-  if it is 'scratch', the latest checkpoint of `workdir`."""
+  if it is 'scratch', the latest checkpoint of `workdir`. None if a SIGTERM
+  stopped it (between two batches; there is nothing to save)."""
   config = input_pipeline.with_dataset_defaults(config)  # model.num_classes from the dataset when unset
-  os.makedirs(workdir, exist_ok=True)
+  workdir = storage.check_writable(workdir)
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
   model = registry.build_from_config(config)
   # Only the structure matters: every weight comes from the checkpoint.
@@ -58,16 +62,20 @@ def run(config, workdir: str) -> dict:
   fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   init = config.init
   if init in ('', 'scratch'):
-    init = workdir
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    init = str(workdir)
+    if not (workdir / 'checkpoints').is_dir():
       raise errors.ConfigError(f'--mode=eval needs --config.init=<weights> or a checkpoint in {workdir}/checkpoints')
   full = tuple(k for k in loader.KINDS if k != 'backbone')
   variables = loader.initial_variables(init, fresh, config.model.name, config.model.num_classes, kinds=full)
   writer = metric_writer.MetricWriter(workdir)
   try:
-    metrics = make_evaluator(config, model, mesh)(variables)
+    with preemption.Preemption() as stop:
+      metrics = make_evaluator(config, model, mesh)(variables, check=stop.check)
     metric.log_metrics(0, metrics)
     writer.write(0, metrics, 'val')
     return metrics
+  except preemption.Stopped:
+    log.warning('SIGTERM during evaluation: stopped (rerun to evaluate)')
+    return None
   finally:
     writer.close()

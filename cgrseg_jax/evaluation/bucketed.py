@@ -60,8 +60,11 @@ def evaluate(
   num_classes: int,
   class_names: Optional[Sequence[str]] = None,
   progress: Optional[Callable[[int], None]] = None,
+  check: Optional[Callable[[], None]] = None,
 ) -> dict:
   """Run `eval_step` over every batch and turn the summed areas into metrics.
+  `check()` is called after each batch's previous one is read (preemption: it
+  raises to stop; every process has the same batches, so the same boundaries).
 
   Areas are accumulated on the host in int64 (a batch's int32 counts are far
   from overflowing; a whole dataset's could)."""
@@ -77,6 +80,8 @@ def evaluate(
     n += 1
     if progress is not None:
       progress(n)
+    if check is not None:
+      check()
   if pending is not None:
     total += np.asarray(pending, np.int64)
   metrics = metric.metrics_from_areas(total, class_names)
@@ -99,7 +104,7 @@ class BucketedEvaluator:
     self.data = input_pipeline.eval_data(config)
     self.step = _eval_step(model, mesh, config.model.num_classes, self.data.info.ignore_index)
 
-  def __call__(self, variables) -> dict:
+  def __call__(self, variables, check: Optional[Callable[[], None]] = None) -> dict:
     repl = NamedSharding(self.mesh, P())
     variables = jax.tree_util.tree_map(lambda v: jax.device_put(v, repl), variables)
     return evaluate(
@@ -109,4 +114,5 @@ class BucketedEvaluator:
       lambda b: dp.make_global_batch(b, self.mesh),
       self.config.model.num_classes,
       self.data.info.class_names or None,
+      check=check,
     )

@@ -70,9 +70,11 @@ def evaluate_segmenter(
   batch_size: int = 1,
   indices: Optional[Sequence[int]] = None,
   progress: Optional[Callable[[int], None]] = None,
+  check: Optional[Callable[[], None]] = None,
 ) -> dict:
   """mmseg metrics of `segmenter` over `source` records ({'image': BGR uint8,
-  'label': uint8}); `indices` restricts to a subset (e.g. this process's share)."""
+  'label': uint8}); `indices` restricts to a subset (e.g. this process's share).
+  `check()` is called after each batch (preemption: it raises to stop)."""
   indices = range(len(source)) if indices is None else indices
   total = np.zeros((4, num_classes), np.int64)
   t0, done = time.time(), 0
@@ -90,6 +92,8 @@ def evaluate_segmenter(
     chunk.clear()
     if progress is not None:
       progress(done)
+    if check is not None:
+      check()
 
   for i in indices:
     chunk.append(source[i])
@@ -112,7 +116,10 @@ class SegmenterEvaluator:
     self.options = options(config)
     self.data = input_pipeline.eval_data(config)
 
-  def __call__(self, variables) -> dict:
+  def __call__(self, variables, check: Optional[Callable[[], None]] = None) -> dict:
+    """Metrics of `variables`; `check()` between batches with one process (with
+    several, each holds a different number of images, so there is no common
+    boundary to stop at before the final sum: a SIGTERM then waits for the end)."""
     d, options, info = self.config.data, self.options, self.data.info
     names = info.class_names or None
     seg = Segmenter(
@@ -137,6 +144,7 @@ class SegmenterEvaluator:
       tta=options['tta'],
       class_names=names,
       indices=self.data.indices,
+      check=check if jax.process_count() == 1 else None,
     )
     areas = np.asarray(metrics.pop('areas'), np.int64)
     if jax.process_count() > 1:

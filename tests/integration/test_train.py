@@ -1,18 +1,23 @@
-"""Training loop: resume after SIGTERM, half-written checkpoints, NaN stop,
-and the ADE20K-layout end-to-end run of main.py (sharding: test_multihost.py)."""
+"""Training loop: resume after SIGTERM, SIGTERM during compilation and evaluation,
+half-written checkpoints, NaN stop, profiles, and the ADE20K-layout end-to-end
+run of main.py (sharding: test_multihost.py)."""
 
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from cgrseg_jax import train
+from cgrseg_jax import preemption, train
+from cgrseg_jax.models import registry
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
+import toy_family
 from train_config import tiny_config
 
 from paths import TESTS_DIR
@@ -58,6 +63,63 @@ def test_resume_after_sigterm_is_identical_to_a_straight_run(tmp_path):
   assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5]
   assert os.path.isfile(tmp_path / 'b' / 'config.json')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'b' / 'tb'))
+
+
+@pytest.fixture(scope='module')
+def toy():
+  registry.register(toy_family.FAMILY, replace=True)
+  yield {'model.name': 'toy_small', 'model.backbone_bn': None}
+  registry.unregister('toy')
+
+
+def test_sigterm_during_compilation_stops_at_once_and_keeps_the_checkpoint(toy, tmp_path, monkeypatch):
+  work = str(tmp_path)
+  first = train.train_and_evaluate(tiny_config(total_steps=2, eval_every=-1, checkpoint_every=2, **toy), work)
+  assert first['step'] == 2
+  # The resumed run's compile takes "forever"; SIGTERM arrives 0.5 s into it.
+  original = preemption.Preemption.compile
+  sent = {}
+
+  def slow_compile(self, fn, name='step'):
+    def send():
+      sent['at'] = time.time()
+      os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Timer(0.5, send).start()
+    return original(self, threading.Event().wait, name)  # never returns
+
+  monkeypatch.setattr(preemption.Preemption, 'compile', slow_compile)
+  result = train.train_and_evaluate(tiny_config(total_steps=4, eval_every=-1, checkpoint_every=2, **toy), work)
+  assert time.time() - sent['at'] < 5
+  assert (result['status'], result['step']) == ('preempted', 2)
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']  # nothing new: nothing saved, nothing lost
+
+
+def test_sigterm_during_evaluation_stops_it_and_saves_the_step(toy, tmp_path, monkeypatch):
+  checks = []
+  original = preemption.Preemption.check
+  monkeypatch.setattr(preemption.Preemption, 'check', lambda self: (checks.append(self.boundary), original(self)))
+
+  def sigterm_at_2(step, batch):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # right before the evaluation of step 2
+
+  # 8 val images in batches of 2: the evaluation has 4 batches, it stops after the first.
+  config = tiny_config(total_steps=4, eval_every=2, eval_batch_size=2, **toy)
+  result = train.train_and_evaluate(config, str(tmp_path), on_step=sigterm_at_2)
+  assert (result['status'], result['step'], result['val']) == ('preempted', 2, None)
+  # step 1's boundary, then the first batch of step 2's evaluation (step 2's own boundary follows it)
+  assert checks == [0, 1]
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']
+  assert [r['split'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))] == ['train', 'train']
+
+
+def test_profile_steps_write_a_trace_with_step_annotations(toy, tmp_path):
+  train.train_and_evaluate(tiny_config(total_steps=3, eval_every=-1, profile_steps=(1, 1), **toy), str(tmp_path))
+  traces = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / 'profile') for f in fs if f.endswith('.xplane.pb')]
+  assert len(traces) == 1
+  data = open(traces[0], 'rb').read()
+  assert b'step_num' in data and b'train' in data  # StepTraceAnnotation('train', step_num=...)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
