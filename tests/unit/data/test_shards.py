@@ -13,7 +13,7 @@ import pytest
 from cgrseg_jax import errors
 from cgrseg_jax.data import input_pipeline, shards, sources
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
-from train_config import tiny_config
+from train_config import tiny_config, with_values
 
 
 @pytest.fixture(scope='module')
@@ -39,18 +39,6 @@ def shard_dir(folder_config, tmp_path_factory):
   return out
 
 
-def _with(config, **values):
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  for key, value in values.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
 def test_manifest_counts_hashes_and_original_bytes(folder_config, shard_dir):
   m = json.loads((shard_dir / 'train' / 'manifest.json').read_text())
   assert m['count'] == 40 and [s['count'] for s in m['shards']] == [13, 13, 14]
@@ -69,8 +57,8 @@ def test_manifest_counts_hashes_and_original_bytes(folder_config, shard_dir):
 
 @pytest.mark.parametrize('processes', [1, 2])
 def test_train_batches_identical_from_folders_and_shards(folder_config, shard_dir, processes):
-  folders = _with(folder_config, **{'data.emulate_process_count': processes})
-  sharded = _with(folders, **{'data.shards': str(shard_dir)})
+  folders = with_values(folder_config, **{'data.emulate_process_count': processes})
+  sharded = with_values(folders, **{'data.shards': str(shard_dir)})
   a, b = input_pipeline.train_iterator(folders), input_pipeline.train_iterator(sharded)
   for _ in range(12):  # past one epoch (40 samples / batch 4 = 10 steps): the reshuffle too
     x, y = next(a), next(b)
@@ -81,7 +69,7 @@ def test_train_batches_identical_from_folders_and_shards(folder_config, shard_di
 
 def test_eval_batches_identical_from_folders_and_shards(folder_config, shard_dir):
   a = list(input_pipeline.eval_data(folder_config).dataset)
-  b = list(input_pipeline.eval_data(_with(folder_config, **{'data.shards': str(shard_dir)})).dataset)
+  b = list(input_pipeline.eval_data(with_values(folder_config, **{'data.shards': str(shard_dir)})).dataset)
   assert len(a) == len(b) == 3
   for x, y in zip(a, b):
     for k in x:
@@ -91,7 +79,7 @@ def test_eval_batches_identical_from_folders_and_shards(folder_config, shard_dir
 def test_array_sources_round_trip_losslessly(tmp_path):
   config = tiny_config(**{'data.synthetic.num_train': 6, 'data.synthetic.num_val': 2})
   input_pipeline.write_shards(config, str(tmp_path), num_shards=2, kinds=('val',))
-  source, info = input_pipeline.sharded_source(_with(config, **{'data.shards': str(tmp_path)}), 'val')
+  source, info = input_pipeline.sharded_source(with_values(config, **{'data.shards': str(tmp_path)}), 'val')
   reference, _ = sources.make_source('synthetic', None, 'val', **input_pipeline.source_kwargs(config, 'val'))
   for i in range(2):
     np.testing.assert_array_equal(source[i]['image'], reference[i]['image'])
@@ -101,8 +89,8 @@ def test_array_sources_round_trip_losslessly(tmp_path):
 
 def test_bad_shard_folders_are_named(folder_config, shard_dir, tmp_path):
   with pytest.raises(errors.DataError, match=r'no manifest\.json'):
-    input_pipeline.train_iterator(_with(folder_config, **{'data.shards': str(tmp_path)}))
-  other = _with(folder_config, **{'data.custom.num_classes': 6, 'model.num_classes': 6, 'data.shards': str(shard_dir)})
+    input_pipeline.train_iterator(with_values(folder_config, **{'data.shards': str(tmp_path)}))
+  other = with_values(folder_config, **{'data.custom.num_classes': 6, 'model.num_classes': 6, 'data.shards': str(shard_dir)})
   with pytest.raises(errors.DataError, match='with 5 classes .* with 6 classes'):
     input_pipeline.train_iterator(other)
   m = json.loads((shard_dir / 'val' / 'manifest.json').read_text())
