@@ -90,7 +90,9 @@ def test_array_sources_round_trip_losslessly(tmp_path):
 def test_bad_shard_folders_are_named(folder_config, shard_dir, tmp_path):
   with pytest.raises(errors.DataError, match=r'no manifest\.json'):
     input_pipeline.train_iterator(with_values(folder_config, **{'data.shards': str(tmp_path)}))
-  other = with_values(folder_config, **{'data.custom.num_classes': 6, 'model.num_classes': 6, 'data.shards': str(shard_dir)})
+  other = with_values(
+    folder_config, **{'data.custom.num_classes': 6, 'model.num_classes': 6, 'data.shards': str(shard_dir)}
+  )
   with pytest.raises(errors.DataError, match='with 5 classes .* with 6 classes'):
     input_pipeline.train_iterator(other)
   m = json.loads((shard_dir / 'val' / 'manifest.json').read_text())
