@@ -40,6 +40,21 @@ def _normalise(images_u8, valid_hw):
   return normalize_image(images_u8, valid_hw, bgr_to_rgb=False)
 
 
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+  """RGB uint8 image of a label map in `palette` (K, 3); ids outside [0, K) are black."""
+  k = len(palette)
+  lut = np.zeros((max(k, int(labels.max(initial=0)) + 1), 3), np.uint8)
+  lut[:k] = palette
+  return lut[np.clip(labels, 0, len(lut) - 1)]
+
+
+def confidence_maps(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(max probability, entropy in nats) per pixel of (..., K) class probabilities."""
+  probs = np.asarray(probs, np.float32)
+  logs = np.log(np.where(probs > 0, probs, 1.0))  # 0 log 0 = 0
+  return probs.max(-1), -(probs * logs).sum(-1)
+
+
 # ---------------------------------------------------------------- segmenter
 
 
@@ -246,19 +261,29 @@ class Segmenter:
 
   # --------------------------------------------------------------- public
 
-  def predict(self, image: np.ndarray, tta=None, mode: Optional[str] = None) -> np.ndarray:
-    """Label map (H, W) int32 of one RGB uint8 image (H, W, 3)."""
-    return self.predict_batch([image], tta=tta, mode=mode, batch_size=1)[0]
+  def predict(self, image: np.ndarray, tta=None, mode: Optional[str] = None, return_probs: bool = False):
+    """Label map (H, W) int32 of one RGB uint8 image (H, W, 3); with
+    `return_probs`, (labels, probabilities (H, W, K) float32)."""
+    return self.predict_batch([image], tta=tta, mode=mode, batch_size=1, return_probs=return_probs)[0]
 
   def predict_batch(
-    self, images: Iterable[np.ndarray], tta=None, mode: Optional[str] = None, batch_size: Optional[int] = None
-  ) -> list[np.ndarray]:
+    self,
+    images: Iterable[np.ndarray],
+    tta=None,
+    mode: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    return_probs: bool = False,
+  ) -> list:
     """Label maps of several images of any sizes, in input order.
 
     Single-view inference groups the images by input bucket and runs
     ``batch_size`` at a time. With TTA each image is done on its own (its
     views grouped by bucket), so only one image's (H, W, K) softmax sum is
     alive at a time.
+
+    `return_probs`: each entry is (labels, probabilities): the softmax at the
+    original size, with TTA the mean of the views' softmaxes (mmseg
+    `aug_test`); the labels are their argmax.
     """
     mode = mode or self.mode
     if mode not in ('whole', 'slide'):
@@ -269,11 +294,12 @@ class Segmenter:
     tta = TTA.parse(tta)
     images = [self._check_image(im, f'image {i}') for i, im in enumerate(images)]
     if tta is None:
-      return self._predict_views(images, [(self.img_scale, False)], mode, batch_size, average=False)
+      views = [(self.img_scale, False)]
+      return self._predict_views(images, views, mode, batch_size, average=return_probs, return_probs=return_probs)
     views = [(testtime.scaled_img_scale(self.img_scale, r), f) for r, f in tta.views()]
-    return [self._predict_views([im], views, mode, batch_size, average=True)[0] for im in images]
+    return [self._predict_views([im], views, mode, batch_size, True, return_probs)[0] for im in images]
 
-  def _predict_views(self, images, views, mode: str, batch_size: int, average: bool) -> list[np.ndarray]:
+  def _predict_views(self, images, views, mode: str, batch_size: int, average: bool, return_probs: bool = False):
     groups: dict[tuple[int, int], list] = {}
     for i, image in enumerate(images):
       for scale, flip in views:
@@ -295,9 +321,10 @@ class Segmenter:
         results[i] = self._accumulate(results[i], *args, np.bool_(flip), canvas=canvas)
     out = []
     for image, r in zip(images, results):
-      if average:
-        r = self._argmax(r)  # mmseg divides the sum by the view count: same argmax
-      out.append(np.asarray(r)[: image.shape[0], : image.shape[1]])
+      h, w = image.shape[:2]
+      labels = self._argmax(r) if average else r  # mmseg divides the sum by the view count: same argmax
+      labels = np.asarray(labels)[:h, :w]
+      out.append((labels, np.asarray(r)[:h, :w] / np.float32(len(views))) if return_probs else labels)
     return out
 
   # --------------------------------------------------------- visualisation
@@ -305,9 +332,7 @@ class Segmenter:
   def colorize(self, labels: np.ndarray) -> np.ndarray:
     """RGB uint8 image of a label map in the dataset palette (ids outside
     [0, K) are black)."""
-    lut = np.zeros((max(self.num_classes, int(labels.max(initial=0)) + 1), 3), np.uint8)
-    lut[: self.num_classes] = self.palette
-    return lut[np.clip(labels, 0, len(lut) - 1)]
+    return colorize(labels, self.palette)
 
   def overlay(self, image: np.ndarray, labels: np.ndarray, opacity: float = 0.5) -> np.ndarray:
     """Image blended with its colour label map: (1 - opacity) image + opacity colours."""

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from cgrseg_jax import checkpointing, evaluation, loader, losses, metric_writer, optim, preemption, profiling, storage
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
-from cgrseg_jax.evaluation import metric
 from cgrseg_jax.models import registry
 
 log = logging.getLogger(__name__)
@@ -81,13 +80,6 @@ def _replicate(tree, sharding):
 def _save_config(config, workdir):
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-
-
-def _run_eval(evaluator, variables, writer, step: int, check) -> dict:
-  metrics = evaluator(variables, check=check)
-  metric.log_metrics(step, metrics)
-  writer.write(step, metrics, 'val')
-  return metrics
 
 
 def train_and_evaluate(
@@ -269,7 +261,7 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
           check(pending)  # never checkpoint a non-finite state
         val = None
         if eval_now:
-          val = _run_eval(evaluator, state.variables, writer, done, stop.check)
+          val = evaluation.evaluate_and_report(evaluator, state.variables, config, workdir, done, writer, stop.check)
           summary['val'] = val
           if bar is not None:
             bar.write(f'step {done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')

@@ -156,6 +156,9 @@ def get_config(dataset: str = 'ade20k'):
   c.eval.tta = ml_collections.ConfigDict()
   c.eval.tta.scales = ()  # ratios of data.img_scale, e.g. 0.5,0.75,1.0,1.25,1.5,1.75
   c.eval.tta.flip = False  # add flipped views (softmax maps averaged)
+  # Each evaluation writes <workdir>/eval/<step>/: confusion.json and .png, and the
+  # panels of this many lowest-mIoU images with worst.json (0: no panels).
+  c.eval.worst_images = 8
   return c
 
 

@@ -18,6 +18,7 @@ def tiny_config(**overrides):
   c.eval_every = 0
   c.checkpoint_every = 0
   c.progress_bar = False
+  c.eval.worst_images = 2
   c.schedule.warmup_steps = 0
   c.optimizer.lr = 1e-4
   for key, value in overrides.items():

@@ -8,6 +8,8 @@ step to OUT_NPZ (OUT_NPZ.<process>.npz with several processes).
 SIGTERM_AT=<process>:<step> sends SIGTERM to that process after that step,
 SIGKILL_AT=<step>:<saved> SIGKILL (no handler, no cleanup: a lost machine)
 after that step, once the checkpoint of step <saved> has been committed.
+EVAL_FIXED=1 also evaluates fixed initial weights (the same in every run) and
+writes their confusion matrix and per-image mIoU.
 The toy family (tests/toy_family.py) is registered: `model.name=toy_small`
 compiles in seconds where the question is the run, not the model.
 """
@@ -26,11 +28,13 @@ if len(sys.argv) > 4:
     coordinator_address=sys.argv[4], num_processes=int(sys.argv[5]), process_id=int(sys.argv[6])
   )
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from etils import epath  # noqa: E402
 
-from cgrseg_jax import train  # noqa: E402
+from cgrseg_jax import evaluation, train  # noqa: E402
+from cgrseg_jax.data import input_pipeline  # noqa: E402
 from cgrseg_jax.models import registry  # noqa: E402
 import toy_family  # noqa: E402
 from train_config import tiny_config  # noqa: E402
@@ -66,8 +70,21 @@ def main():
   flat['__status__'] = np.array(f'{result["status"]}:{result["step"]}')
   flat['__indices__'] = np.array(json.dumps(seen))
   flat['__devices__'] = np.array(jax.device_count())
+  if os.environ.get('EVAL_FIXED'):
+    flat.update(_fixed_eval(config))
   path = out if jax.process_count() == 1 else f'{out}.{jax.process_index()}'
   np.savez(path, **flat)
+
+
+def _fixed_eval(config) -> dict:
+  """Evaluation of weights that do not depend on the run (its sharding, its steps)."""
+  config = input_pipeline.with_dataset_defaults(config)
+  model = registry.build_from_config(config)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(7), jnp.zeros((1, 64, 64, 3)))
+  metrics = evaluation.make_evaluator(config, model, mesh)(variables)
+  scores = sorted(metrics['image_miou'].items())
+  return {'__confusion__': metrics['confusion'], '__image_miou__': np.asarray(scores)}
 
 
 if __name__ == '__main__':

@@ -3,13 +3,16 @@
 - `metric.py`: per-class areas, IoU / Acc / mIoU / mAcc / aAcc, the logged table;
 - `bucketed.py`: single-scale whole-image inference on pre-bucketed, sharded batches;
 - `segmenter.py`: per image through `inference.Segmenter`, for multi-scale/flip
-  TTA and slide inference.
+  TTA and slide inference;
+- `report.py`: the confusion matrix and worst-image panels of an evaluation.
 
 `EVALUATORS` maps `config.eval.evaluator` to them ('auto': 'segmenter' when
 `config.eval` asks for TTA or slide, else 'bucketed'); training-time
 evaluation and `--mode=eval` (`run`) both go through `make_evaluator`. An
 evaluator is `factory(config, model, mesh)`, called with variables, returning
-the metrics dict.
+the metrics dict (with `confusion` (K, K) and `image_miou` {index: mIoU}), and
+with `predict_records(variables, indices)` for the report's panels.
+`evaluate_and_report` runs one, writes the report and logs the table.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from jax.sharding import Mesh
 
 from cgrseg_jax import errors, loader, metric_writer, preemption, storage
 from cgrseg_jax.data import input_pipeline
-from cgrseg_jax.evaluation import bucketed, metric, segmenter
+from cgrseg_jax.evaluation import bucketed, metric, report, segmenter
 from cgrseg_jax.models import registry
 
 EVALUATORS = {
@@ -49,6 +52,25 @@ def make_evaluator(config, model, mesh):
 log = logging.getLogger(__name__)
 
 
+def evaluate_and_report(evaluator, variables, config, workdir, step: int, writer, check=None) -> dict:
+  """Evaluate, write `<workdir>/eval/<step>/` (report.py; process 0), log the
+  table and write the scalars and per-class metrics to `writer`."""
+  metrics = evaluator(variables, check=check)
+  counts, scores = metrics.pop('confusion'), metrics.pop('image_miou')
+  if jax.process_index() == 0:
+    report.write_report(
+      storage.path(workdir) / 'eval' / str(step),
+      {'confusion': counts, 'image_miou': scores},
+      evaluator,
+      variables,
+      config.eval.worst_images,
+      evaluator.data.info.class_names or None,
+    )
+  metric.log_metrics(step, metrics)
+  writer.write(step, metrics, 'val')
+  return metrics
+
+
 def run(config, workdir: str) -> dict | None:
   """`--mode=eval`: evaluate `config.init` (any format `loader.load` reads) or,
   if it is 'scratch', the latest checkpoint of `workdir`. None if a SIGTERM
@@ -70,10 +92,7 @@ def run(config, workdir: str) -> dict | None:
   writer = metric_writer.MetricWriter(workdir)
   try:
     with preemption.Preemption() as stop:
-      metrics = make_evaluator(config, model, mesh)(variables, check=stop.check)
-    metric.log_metrics(0, metrics)
-    writer.write(0, metrics, 'val')
-    return metrics
+      return evaluate_and_report(make_evaluator(config, model, mesh), variables, config, workdir, 0, writer, stop.check)
   except preemption.Stopped:
     log.warning('SIGTERM during evaluation: stopped (rerun to evaluate)')
     return None

@@ -5,10 +5,11 @@ Inference (mmseg `whole_inference` with the test pipeline, `testtime.py`):
 the image is resized keeping its ratio and padded right/bottom to a multiple
 of 32 (then to its bucket) by the input pipeline; here the logits (at the
 padded input size) are cropped to the resized image, resized bilinearly to
-the original size and arg-maxed (softmax does not change the argmax). The
-per-image areas (`metric.area_counts`) are computed on the device and summed
-over the sharded batch, so only (K,) vectors come back to the host. One
-compile per bucket shape.
+the original size and arg-maxed (softmax does not change the argmax). Each
+image's confusion matrix (`metric.confusion_counts`) and mIoU are computed on
+the device; the matrices are summed over the sharded batch, so one
+(K+1, K+1) matrix and (B,) scores come back to the host. One compile per
+bucket shape.
 """
 
 from __future__ import annotations
@@ -25,11 +26,21 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from cgrseg_jax import testtime
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
-from cgrseg_jax.evaluation import metric
+from cgrseg_jax.evaluation import metric, segmenter
+
+
+def predict_batch(model, variables, batch, normalize: Callable):
+  """(B, label_h, label_w) int32 predictions of an eval batch at its label size."""
+  logits = model.apply(variables, normalize(batch['image'], batch['valid_hw']), train=False)  # padded input size
+  out_shape = batch['label'].shape[1:3]
+  return jax.vmap(lambda l, v, o: jnp.argmax(testtime.crop_and_resize(l, v, o, out_shape), axis=-1))(
+    logits, batch['valid_hw'], batch['orig_hw']
+  )
 
 
 def make_eval_step(model, mesh, num_classes: int, ignore_index: int, normalize: Callable):
-  """jit(variables, batch) -> (4, K) summed areas over the global batch.
+  """jit(variables, batch) -> {'confusion': (K+1, K+1) summed over the global
+  batch, 'image_miou': (B,), 'index': (B,) the batch's sample ids (-1: filler)}.
 
   `batch` is the pipeline's eval batch (uint8 BGR `image` padded to its
   bucket, `valid_hw`, `orig_hw`, `label` at the label bucket); the batch
@@ -37,13 +48,13 @@ def make_eval_step(model, mesh, num_classes: int, ignore_index: int, normalize: 
   """
 
   def step(variables, batch):
-    x = normalize(batch['image'], batch['valid_hw'])
-    logits = model.apply(variables, x, train=False)  # at the padded input size
-    out_shape = batch['label'].shape[1:3]
-    pred = jax.vmap(lambda l, v, o: jnp.argmax(testtime.crop_and_resize(l, v, o, out_shape), axis=-1))(
-      logits, batch['valid_hw'], batch['orig_hw']
-    )
-    return metric.area_counts(pred, batch['label'], num_classes, ignore_index)
+    pred = predict_batch(model, variables, batch, normalize)
+    confusion = metric.confusion_counts(pred, batch['label'], num_classes, ignore_index)
+    return {
+      'confusion': confusion.sum(0),
+      'image_miou': metric.image_miou(metric.areas_from_confusion(confusion)),
+      'index': batch['index'],
+    }
 
   return jax.jit(
     step,
@@ -62,29 +73,41 @@ def evaluate(
   progress: Optional[Callable[[int], None]] = None,
   check: Optional[Callable[[], None]] = None,
 ) -> dict:
-  """Run `eval_step` over every batch and turn the summed areas into metrics.
-  `check()` is called after each batch's previous one is read (preemption: it
-  raises to stop; every process has the same batches, so the same boundaries).
+  """Run `eval_step` over every batch and turn the summed confusion matrix into
+  metrics, with `image_miou` {sample index: mIoU} of every image. `check()` is
+  called after each batch's previous one is read (preemption: it raises to
+  stop; every process has the same batches, so the same boundaries).
 
-  Areas are accumulated on the host in int64 (a batch's int32 counts are far
-  from overflowing; a whole dataset's could)."""
-  total = np.zeros((4, num_classes), np.int64)
+  The matrix is accumulated on the host in int64 (a batch's int32 counts are
+  far from overflowing; a whole dataset's could)."""
+  total = np.zeros((num_classes + 1, num_classes + 1), np.int64)
+  scores: dict[int, float] = {}
+
+  def add(out):
+    nonlocal total
+    out = jax.device_get(out)
+    total += np.asarray(out['confusion'], np.int64)
+    for i, s in zip(out['index'].tolist(), out['image_miou'].tolist()):
+      if i >= 0:
+        scores[i] = s
+
   pending = None
   t0 = time.time()
   n = 0
   for local in eval_data:
-    areas = eval_step(variables, make_global_batch(local))
+    out = eval_step(variables, make_global_batch(local))
     if pending is not None:  # keep one batch in flight
-      total += np.asarray(pending, np.int64)
-    pending = areas
+      add(pending)
+    pending = out
     n += 1
     if progress is not None:
       progress(n)
     if check is not None:
       check()
   if pending is not None:
-    total += np.asarray(pending, np.int64)
-  metrics = metric.metrics_from_areas(total, class_names)
+    add(pending)
+  metrics = metric.metrics_from_confusion(total, class_names)
+  metrics['image_miou'] = scores
   metrics['eval_seconds'] = time.time() - t0
   metrics['eval_batches'] = n
   return metrics
@@ -100,7 +123,8 @@ class BucketedEvaluator:
   """The eval split through `input_pipeline.eval_data`, one jitted step per bucket shape."""
 
   def __init__(self, config, model, mesh):
-    self.config, self.mesh = config, mesh
+    self.config, self.model, self.mesh = config, model, mesh
+    self.seg = None  # the panels' Segmenter, made at the first report, then reused
     self.data = input_pipeline.eval_data(config)
     self.step = _eval_step(model, mesh, config.model.num_classes, self.data.info.ignore_index)
 
@@ -116,3 +140,11 @@ class BucketedEvaluator:
       self.data.info.class_names or None,
       check=check,
     )
+
+  def predict_records(self, variables, indices: Sequence[int]) -> list[tuple]:
+    """Predictions of `indices` for the report's panels, by mmseg's whole-image
+    inference (`Segmenter`): the padding to the exact multiple of
+    data.size_divisor rather than to the bucket may move a few pixels."""
+    whole = dict(segmenter.options(self.config), mode='whole', tta=None)
+    self.seg = segmenter.make_segmenter(self.config, self.model, variables, self.data, whole, self.seg)
+    return segmenter.predict_records(self.seg, self.data, indices)

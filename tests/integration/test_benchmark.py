@@ -8,9 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import script_modules
+import toy_family
 import torch
 
 from cgrseg_jax import cost
+from cgrseg_jax.models import registry
 from cgrseg_jax.torch_reference import cgrseg as ref
 from paths import REPO, SCRIPTS
 
@@ -65,3 +68,39 @@ def test_benchmark_smoke(tmp_path):
     assert r['jax']['fraction_of_peak']['eval_bs1'] == pytest.approx(want)
   assert 'fraction of peak' in proc.stdout and 'PyTorch eager' in proc.stdout
   assert r['ratio']['eval_bs1'] == pytest.approx(r['jax']['eval_img_per_s']['1'] / r['torch']['eval_img_per_s']['1'])
+
+
+@pytest.fixture
+def toy():
+  registry.register(toy_family.FAMILY, replace=True)
+  yield
+  registry.unregister('toy')
+
+
+def test_benchmark_eval_smoke(toy, tmp_path):
+  # In-process, with the toy family (the question is the two steps, not the model), K=150.
+  bench = script_modules.load('benchmark_eval')
+  out = tmp_path / 'eval.json'
+  r = bench.main(['--model=toy_small', '--num-classes=150', '--size=64,96', '--batch-size=2', '--reps=1',
+                  '--warmup=1', f'--output={out}'])  # fmt: skip
+  assert json.load(open(out)) == json.loads(json.dumps(r))
+  assert r['counts_agree'] and r['padded_hw'] == [64, 96]
+  rates = r['eval_img_per_s']
+  assert rates['with_confusion'] == pytest.approx(2 / r['step_s']['with_confusion']['median'])
+  assert r['confusion_cost'] == pytest.approx(1 - rates['with_confusion'] / rates['areas_only'])
+  assert set(r['count_only_ms']) == {'confusion', 'areas'}
+
+
+def test_benchmark_data_smoke(tmp_path):
+  out = tmp_path / 'data.json'
+  cmd = [sys.executable, os.path.join(SCRIPTS, 'benchmark_data.py'), '--num-images=8', '--batch-size=2',
+         '--seconds=0.5', '--workers=0', '--num-shards=2', f'--output={out}']  # fmt: skip
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.load(open(out))
+  assert set(r['img_per_s']) == {'folders', 'shards'} and r['num_shards'] == 2
+  for name in ('folders', 'shards'):
+    assert r['img_per_s'][name]['0'] > 0
+  assert r['shards_over_folders']['0'] == pytest.approx(
+    r['img_per_s']['shards']['0'] / r['img_per_s']['folders']['0'], abs=2e-3
+  )

@@ -68,7 +68,7 @@ SHARED = {'data.emulate_process_count': 2, **STABLE_ADAM}
 @pytest.fixture(scope='module')
 def one_device_run(tmp_path_factory):
   d = tmp_path_factory.mktemp('one')
-  _wait([_run_worker(d / 'out.npz', d / 'work', SHARED)])
+  _wait([_run_worker(d / 'out.npz', d / 'work', SHARED, EVAL_FIXED)])
   return dict(np.load(d / 'out.npz'))
 
 
@@ -86,6 +86,8 @@ def _compare(got, ref, atol, check_indices=True):
 
 # 4 devices per process: 8 shards of the global batch of 8, over two processes.
 FOUR_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
+# The reference and the 2-process run also evaluate weights that are the same in both.
+EVAL_FIXED = {'EVAL_FIXED': '1'}
 
 
 def _two_processes(out, workdir, env=None):
@@ -99,7 +101,7 @@ def _two_processes(out, workdir, env=None):
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory):
   d = tmp_path_factory.mktemp('two')
-  return d / 'work', _two_processes(d / 'out.npz', d / 'work')
+  return d / 'work', _two_processes(d / 'out.npz', d / 'work', EVAL_FIXED)
 
 
 def test_two_processes_of_four_devices_match_one_device(one_device_run, two_process_run):
@@ -115,6 +117,19 @@ def test_two_processes_of_four_devices_match_one_device(one_device_run, two_proc
   data_dir = work / 'checkpoints' / '5' / 'data'
   files = set(os.listdir(data_dir))
   assert {'process_0-of-2.json', 'process_1-of-2.json'} <= files, files
+
+
+def test_two_process_evaluation_gives_the_one_process_confusion_matrix(one_device_run, two_process_run):
+  # The same weights: the eval batches sharded over 8 devices in 2 processes count what 1 device counts.
+  _, outs = two_process_run
+  ref = one_device_run
+  assert ref['__confusion__'].sum() > 0 and (ref['__confusion__'] - np.diag(np.diag(ref['__confusion__']))).sum() > 0
+  for o in outs:
+    np.testing.assert_array_equal(o['__confusion__'], ref['__confusion__'])
+    np.testing.assert_allclose(o['__image_miou__'], ref['__image_miou__'], rtol=1e-6)
+  # Process 0 wrote the training run's report of its final evaluation.
+  report_dir = two_process_run[0] / 'eval' / '5'
+  assert {'confusion.json', 'confusion.png', 'worst.json'} <= set(os.listdir(report_dir))
 
 
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_exactly(two_process_run, tmp_path):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import av
 import cv2
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax.data import datasets
 
 from paths import SCRIPTS
+import script_modules
 
 SCRIPT = os.path.join(SCRIPTS, 'predict.py')
 K = 19  # cityscapes classes and palette
@@ -48,6 +50,7 @@ def test_predict_cli(setup):
       '--img-scale=128,64',
       '--opacity=0.25',
       '--raw',
+      '--confidence',
       '--no-progress',
       str(d / 'imgs'),
       str(d / 'more' / '*.png'),
@@ -86,6 +89,13 @@ def test_predict_cli(setup):
     ids = sorted(c['id'] for c in entry['classes'])
     assert ids == sorted(np.unique(labels).tolist())
     assert abs(sum(c['fraction'] for c in entry['classes']) - 1) < 1e-4
+    # --confidence: the maps at the image size, the means within their ranges.
+    for name in ('confidence', 'entropy'):
+      assert cv2.imread(str(out / f'{stem}_{name}.png')).shape == (*hw, 3)
+    conf = entry['confidence']
+    assert set(conf['per_class']) == {c['name'] for c in entry['classes']}
+    assert all(1 / K <= v <= 1 for v in conf['per_class'].values())
+    assert 1 / K <= conf['mean_max_prob'] <= 1 and 0 <= conf['mean_entropy'] <= np.log(K)
 
 
 def test_no_inputs_is_an_error(setup, tmp_path):
@@ -96,3 +106,62 @@ def test_no_inputs_is_an_error(setup, tmp_path):
     timeout=300,
   )
   assert proc.returncode == 1 and 'nothing_*.jpg' in proc.stderr
+
+
+predict = script_modules.load('predict')
+
+
+def _clip(path, n, hw):
+  """An MPEG-4 clip of `n` frames of a moving pattern (PyAV, as a user's video)."""
+  container = av.open(str(path), mode='w')
+  stream = container.add_stream('mpeg4', rate=25)
+  stream.height, stream.width = hw
+  stream.pix_fmt = 'yuv420p'
+  base = cv2.resize(np.random.default_rng(5).integers(0, 256, (8, 12, 3), dtype=np.uint8), (hw[1] * 2, hw[0]))
+  for i in range(n):
+    rgb = np.ascontiguousarray(base[:, i % hw[1] : i % hw[1] + hw[1]])
+    for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format='rgb24')):
+      container.mux(packet)
+  for packet in stream.encode():
+    container.mux(packet)
+  container.close()
+
+
+def test_stream_a_video_compiles_once(setup, tmp_path):
+  clip = tmp_path / 'clip.mp4'
+  _clip(clip, 100, (64, 96))
+  out = tmp_path / 'out'
+  args = [f'--checkpoint={setup}/tiny.pth', f'--output={out}', '--dataset=cityscapes', '--img-scale=128,64']
+  assert predict.main([*args, '--stream', str(clip)]) == 0
+  record = json.load(open(out / 'stream.json'))
+  assert record['frames'] == 100 and record['frame_hw'] == [64, 96] and record['frames_per_s'] > 0
+  # One forward and one label compilation for the whole clip (Segmenter's trace counter).
+  assert record['compilations'] == 2, record
+  frames = json.load(open(out / 'clip_frames.json'))
+  assert len(frames) == 100 and all(abs(sum(c['fraction'] for c in f) - 1) < 1e-4 for f in frames)
+  with av.open(str(out / 'clip_overlay.mp4')) as video:
+    decoded = [f.to_ndarray(format='rgb24') for f in video.decode(video=0)]
+  assert len(decoded) == 100 and decoded[0].shape == (64, 96, 3)
+
+
+def test_stream_a_folder_and_tiled_images(setup, tmp_path):
+  out = tmp_path / 'out'
+  args = [f'--checkpoint={setup}/tiny.pth', f'--output={out}', '--dataset=cityscapes', '--img-scale=128,64']
+  # The folder: its images (one of another size, resized to the first's), then idle for 0.5 s.
+  assert predict.main([*args, '--stream', '--stream-idle=0.5', str(setup / 'imgs')]) == 0
+  record = json.load(open(out / 'stream.json'))
+  assert record['frames'] == 2 and record['compilations'] == 2  # a.png (70x90) and b.jpg (64x130); broken.png named
+  for stem, hw in (('a', (70, 90)), ('b', (64, 130))):
+    assert cv2.imread(str(out / f'{stem}_color.png')).shape == (*hw, 3)
+  # --tiled: the slide windows at the image's own size, band by band; the labels of slide inference.
+  tiled = tmp_path / 'tiled'
+  crop = ['--crop=64,64', '--stride=48,48']
+  assert (
+    predict.main([*args, f'--output={tiled}', '--tiled', *crop, '--raw', '--no-progress', str(setup / 'more')]) == 0
+  )
+  got = cv2.imread(str(tiled / 'c_labels.png'), cv2.IMREAD_UNCHANGED)
+  seg = predict.Segmenter.from_checkpoint(
+    f'{setup}/tiny.pth', dataset='cityscapes', img_scale=(90, 64), mode='slide', crop_size=(64, 64), stride=(48, 48)
+  )
+  want = seg.predict(cv2.imread(str(setup / 'more' / 'c.png'))[..., ::-1].copy())
+  assert got.shape == (90, 64) and np.mean(got == want) >= 0.999

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import cv2
 import jax
 import numpy as np
 import pytest
@@ -166,7 +167,22 @@ def test_ade20k_layout_end_to_end(tmp_path):
   assert len(val[0]['per_class']) == 150 and 'wall' in val[0]['per_class']
   assert 0.0 <= val[0]['aAcc'] <= 1.0
   assert os.path.isdir(work / 'checkpoints' / '2')
-  assert 'Summary: aAcc' in run.stderr
+  assert 'Summary: aAcc' in run.stderr and 'Most confused with' in run.stderr
+  # The evaluation's report: the 150-class confusion matrix of every valid val pixel, the 2 worst images.
+  report = work / 'eval' / '2'
+  confusion = json.load(open(report / 'confusion.json'))
+  counts = np.asarray(confusion['counts'])
+  assert counts.shape == (150, 150) and confusion['class_names'][0] == 'wall'
+  labels = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((root / 'annotations' / 'validation').iterdir())]
+  assert counts.sum() == sum(int((l > 0).sum()) for l in labels)  # reduce_zero_label: 0 is ignored
+  np.testing.assert_allclose(np.asarray(confusion['rates']).sum(1)[counts.sum(1) > 0], 1.0, atol=1e-5)
+  worst = json.load(open(report / 'worst.json'))
+  assert [w['rank'] for w in worst] == [1, 2] and worst[0]['mIoU'] <= worst[1]['mIoU']
+  assert {w['id'] for w in worst} == {p.name for p in (root / 'images' / 'validation').iterdir()}
+  for w in worst:
+    png = cv2.imread(str(report / f'worst_{w["rank"]:02d}_{w["index"]}.png'))
+    assert png.shape[0] == 256 + 2 * 22 and png.shape[1] == 4 * round(96 * 256 / 64)
+  assert cv2.imread(str(report / 'confusion.png')) is not None
 
   # A typo in a config override is an error (locked config).
   bad = subprocess.run(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax import loader
-from cgrseg_jax.inference import InferenceError, Segmenter
+from cgrseg_jax.inference import InferenceError, Segmenter, confidence_maps
 
 K = 19
 SCALE = (192, 96)  # small stand-in for (2048, 512): images stay tiny
@@ -259,3 +259,34 @@ def test_bad_input_is_named(segmenter):
     segmenter.predict(_image((64, 64), 0), mode='slide')
   with pytest.raises(InferenceError, match="dataset='nope'.*unknown dataset"):
     Segmenter(segmenter.model, segmenter.variables, dataset='nope')
+
+
+def test_return_probs_and_confidence_match_the_reference_softmax(segmenter, torch_model):
+  img = _image((70, 90), seed=50)
+  labels, probs = segmenter.predict(img, return_probs=True)
+  assert probs.shape == (70, 90, K) and probs.dtype == np.float32
+  want = _ref_probs(torch_model, img, SCALE)[0].permute(1, 2, 0).numpy()
+  np.testing.assert_allclose(probs, want, atol=2e-5)
+  np.testing.assert_array_equal(labels, probs.argmax(-1))
+  # The maps from the reference's logits, in numpy float64.
+  with torch.no_grad():
+    bgr = _ref_resize(img, SCALE)
+    logits = torch_model(_ref_tensor(bgr))[:, :, : bgr.shape[0], : bgr.shape[1]]
+    logits = F.interpolate(logits, size=(70, 90), mode='bilinear', align_corners=False)[0].permute(1, 2, 0)
+  z = logits.numpy().astype(np.float64)
+  log_p = z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  max_prob, entropy = confidence_maps(probs)
+  np.testing.assert_allclose(max_prob, np.exp(log_p).max(-1), atol=2e-5)
+  np.testing.assert_allclose(entropy, -(np.exp(log_p) * log_p).sum(-1), atol=1e-4)
+  assert 0 < entropy.min() and entropy.max() <= np.log(K) + 1e-5
+
+
+def test_return_probs_with_tta_is_the_mean_of_the_views_softmaxes(segmenter, torch_model):
+  img = _image((70, 90), seed=51)
+  ratios = (0.75, 1.25)
+  labels, probs = segmenter.predict(img, tta=dict(scales=ratios, flip=True), return_probs=True)
+  views = [_ref_probs(torch_model, img, (int(SCALE[0] * r), int(SCALE[1] * r)), flip=f) for r in ratios for f in (0, 1)]
+  want = (sum(views) / len(views))[0].permute(1, 2, 0).numpy()
+  np.testing.assert_allclose(probs, want, atol=2e-5)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(labels, segmenter.predict(img, tta=dict(scales=ratios, flip=True)))

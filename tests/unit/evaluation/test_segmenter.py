@@ -51,7 +51,8 @@ def test_metrics_match_an_iou_computed_from_the_predictions(segmenter):
   assert metrics['aAcc'] == pytest.approx(correct / labelled)
   assert metrics['mIoU'] == pytest.approx(want_miou)
   assert metrics['eval_images'] == 3
-  np.testing.assert_array_equal(np.asarray(metrics['areas'])[0], inter)
+  np.testing.assert_array_equal(np.diag(metrics['confusion']), inter)
+  assert sorted(metrics['image_miou']) == [0, 1, 2]
 
 
 def test_options_and_the_auto_choice_follow_config_eval():
