@@ -52,6 +52,14 @@ DAMAGED = '.damaged-'
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
 
 
+def _size(nbytes: float) -> str:
+  """'512 KiB', '43 MiB', '1.2 GiB': the unit that gives a number people read."""
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20)):
+    if nbytes >= scale:
+      return f'{nbytes / scale:.1f} {unit}' if nbytes < 10 * scale else f'{nbytes / scale:.0f} {unit}'
+  return f'{nbytes / 2**10:.0f} KiB'
+
+
 def make_manager(directory, keep: int, best_metric: str = 'mIoU') -> ocp.CheckpointManager:
   """Manager keeping the latest `keep` steps and the best one by `best_metric`."""
   policies = ocp.checkpoint_managers
@@ -144,8 +152,11 @@ def _abandoned_read(exc: Optional[BaseException], obj: Any = None) -> bool:
 class _DropAbandonedReads(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    if 'exception was never retrieved' in record.getMessage() and (
-      exc is None or _abandoned_read(exc) or _READ_ERROR in record.getMessage()
+    message = record.getMessage()
+    # The task's coroutine is named in the message: orbax's own (its reads of the step).
+    orbax_task = 'coro=<' in message and f'{os.sep}orbax{os.sep}' in message
+    if 'exception was never retrieved' in message and (
+      exc is None or _abandoned_read(exc) or _READ_ERROR in message or orbax_task
     ):
       return _keep()
     return True
@@ -163,11 +174,13 @@ def _quiet_abandoned_reads() -> None:
   """After a step fails to restore, orbax's other reads of it are abandoned. Each
   ends in an error Python reports on its own: a coroutine finalised with its read
   error (an unraisable exception with a TensorStore spec dump), a TensorStore
-  callback into the closed event loop ('Event loop is closed'), a gathered future
+  callback into the closed event loop ('Event loop is closed', unraisable or printed
+  through sys.excepthook), a gathered future
   asyncio logs as never retrieved. A damaged 30 MB step printed 88,000 lines of
   them after the one warning that says what happened. Drop exactly those, for
-  the rest of the process (they arrive as the abandoned reads are collected),
-  and pass everything else on."""
+  the rest of the process (they arrive as the failure unwinds and later, as the
+  abandoned reads are collected), and pass everything else on. Installed before
+  a restore is tried: a read that succeeds abandons nothing."""
   if _quiet['installed']:
     return
   _quiet['installed'] = True
@@ -179,6 +192,16 @@ def _quiet_abandoned_reads() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+  # TensorStore's callbacks into the closed loop run on its own threads; their error is printed
+  # through sys.excepthook, as an uncaught one would be.
+  previous_except = sys.excepthook
+
+  def excepthook(kind, value, tb):
+    if isinstance(value, RuntimeError) and _abandoned_read(value) and not _keep():
+      return
+    previous_except(kind, value, tb)
+
+  sys.excepthook = excepthook
   logging.getLogger('asyncio').addFilter(_DropAbandonedReads())
 
 
@@ -236,6 +259,8 @@ class RunCheckpoints:
       ),
     )
     failed: list[tuple[int, str, str]] = []  # (step, slug, reason)
+    # Before the first read: a failed read's other reads report as the failure unwinds.
+    _quiet_abandoned_reads()
     try:
       for step in steps:
         step_dir = self.directory / str(step)
@@ -250,7 +275,6 @@ class RunCheckpoints:
           return state, step
         reason = _short(why) if why is not None else 'another process could not restore it'
         slug = _reason_slug(why) if why is not None else 'other-process'
-        _quiet_abandoned_reads()
         log.warning('checkpoint %s cannot be restored (%s); trying the previous one', step_dir, reason)
         failed.append((step, slug, reason))
     finally:
@@ -324,7 +348,7 @@ class RunCheckpoints:
 
   def _disk_error(self, step: Optional[int], nbytes: int, os_error: OSError) -> errors.CheckpointError:
     try:
-      free = f'{shutil.disk_usage(os.fspath(self.directory)).free / 2**20:.0f} MiB free there now'
+      free = f'{_size(shutil.disk_usage(os.fspath(self.directory)).free)} free there now'
     except (OSError, TypeError):
       free = 'free space unknown'
     self.manager.reload()
@@ -332,7 +356,7 @@ class RunCheckpoints:
     previous = f'step {good} is intact and a rerun resumes from it' if good is not None else 'no earlier checkpoint'
     return errors.CheckpointError(
       f'saving the checkpoint of step {step} to {self.directory} failed: {os.strerror(os_error.errno)} '
-      f'({os_error}). A checkpoint needs about {nbytes / 2**20:.0f} MiB ({free}); {previous}. '
+      f'({os_error}). A checkpoint needs about {_size(nbytes)} ({free}); {previous}. '
       'Free space (or fix the permissions/quota) and rerun the same command.'
     )
 

@@ -1,5 +1,13 @@
-"""A CPU-test-sized training config (tiny model, 64x64 crops); not a test file."""
+"""A CPU-test-sized training config (tiny model, 64x64 crops); not a test file.
 
+`toy_config` trains the toy family (tests/toy_family.py) instead: for tests whose
+question is the run (checkpoints, resuming, signals, NaN stops), not the model,
+it compiles in seconds instead of a minute. `main.py
+--config=tests/train_config.py:toy` is the same from a subprocess (with tests/ on
+PYTHONPATH, as for every use of this file)."""
+
+import toy_family
+from cgrseg_jax.models import registry
 from configs import synthetic_t
 
 
@@ -31,6 +39,15 @@ def tiny_config(**overrides):
   return c
 
 
+TOY = {'model.name': 'toy_small', 'model.backbone_bn': None}
+
+
+def toy_config(**overrides):
+  """`tiny_config` with the toy family, which this registers."""
+  registry.register(toy_family.FAMILY, replace=True)
+  return tiny_config(**{**TOY, **overrides})
+
+
 def with_values(config, **values):
   """A resolved copy of `config` with dotted fields set: with_values(c, **{'model.num_classes': 5})."""
   config = config.copy_and_resolve_references()
@@ -43,6 +60,9 @@ def with_values(config, **values):
   return config
 
 
-def get_config():
-  """`main.py --config=tests/train_config.py` (tests in subprocesses): the tiny config; set fields with --config.x."""
-  return tiny_config()
+def get_config(arg=None):
+  """`main.py --config=tests/train_config.py[:toy]` (tests in subprocesses): the tiny or toy config; set fields
+  with --config.x."""
+  if arg not in (None, '', 'toy'):
+    raise ValueError(f'tests/train_config.py:{arg}: expected no argument or :toy')
+  return toy_config() if arg == 'toy' else tiny_config()

@@ -1,5 +1,6 @@
 """Run checkpoints that go wrong: damaged after their commit, a kill while
-old ones are deleted, a full disk; and main.py's short error messages.
+old ones are deleted, a full disk; and main.py's short error messages. The
+toy family trains: the question is the run's checkpoints, not the model.
 
 One uninterrupted run (checkpoints at every step) is the reference; each test
 copies its workdir, breaks it, resumes, and compares the final weights with it.
@@ -18,13 +19,21 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cgrseg_jax import checkpointing, errors, train
-from train_config import tiny_config
+from cgrseg_jax.models import registry
+import toy_family
+from train_config import toy_config
 
-from paths import TESTS_DIR
+from paths import REPO, TESTS_DIR
 
-REPO = os.path.dirname(TESTS_DIR)
 TOTAL = 5
 RUN = dict(total_steps=TOTAL, eval_every=-1, batch_size=2, checkpoint_every=1, keep_checkpoints=TOTAL)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def toy_family_registered():
+  registry.register(toy_family.FAMILY, replace=True)
+  yield
+  registry.unregister('toy')
 
 
 @pytest.fixture(scope='module')
@@ -37,7 +46,7 @@ def cache_dir():
 def straight(cache_dir, tmp_path_factory):
   """Uninterrupted run to step 5 keeping every checkpoint: (workdir, final params, state bytes)."""
   work = tmp_path_factory.mktemp('straight') / 'work'
-  result = train.train_and_evaluate(tiny_config(**RUN), str(work))
+  result = train.train_and_evaluate(toy_config(**RUN), str(work))
   assert result['step'] == TOTAL
   assert sorted(os.listdir(work / 'checkpoints')) == [str(s) for s in range(1, TOTAL + 1)]
   return work, _leaves(result['state'].params), checkpointing.state_nbytes(result['state'])
@@ -66,31 +75,33 @@ def _checkpoint_params(step_dir):
 
 
 def _data_files(step_dir):
-  return sorted(glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*')), key=os.path.getsize)
+  """The OCDBT data files of a step, smallest first: the process's and the merged database's."""
+  files = glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_0', 'd', '*'))
+  return sorted(files + glob.glob(os.path.join(step_dir, 'state', 'd', '*')), key=os.path.getsize)
 
 
 def test_damaged_checkpoints_fall_back_to_the_newest_good_one(straight, tmp_path, caplog):
   work = _copy_until(straight[0], tmp_path / 'work', TOTAL)
   ckpt = work / 'checkpoints'
-  biggest = _data_files(ckpt / '5')[-1]  # a copy stopped half-way
-  with open(biggest, 'r+b') as f:
-    f.truncate(os.path.getsize(biggest) // 2)
-  os.remove(_data_files(ckpt / '4')[-1])  # a lost file
+  for name in _data_files(ckpt / '5'):  # a copy stopped half-way
+    with open(name, 'r+b') as f:
+      f.truncate(os.path.getsize(name) // 2)
+  for name in _data_files(ckpt / '4'):  # lost files
+    os.remove(name)
   (ckpt / '3' / 'state' / '_METADATA').write_text('{"tree_metadata": {"params"')  # cut JSON
 
   with caplog.at_level(logging.WARNING, logger='cgrseg_jax.checkpointing'):
-    result = train.train_and_evaluate(tiny_config(**RUN), str(work))
+    result = train.train_and_evaluate(toy_config(**RUN), str(work))
   assert (result['status'], result['step']) == ('done', TOTAL)
   _assert_same(_leaves(result['state'].params), straight[1])
 
   warnings = [r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage()]
   assert len(warnings) == 3, warnings
-  # TensorStore reads a lost file of the OCDBT database as an empty (truncated) one.
-  for w, step, why in zip(warnings, (5, 4, 3), ('OUT_OF_RANGE', 'Truncated', 'state/_METADATA')):
+  for w, step, why in zip(warnings, (5, 4, 3), ('OUT_OF_RANGE', 'NOT_FOUND', 'state/_METADATA')):
     assert f'{ckpt}/{step} cannot be restored' in w and why in w, w
   # Kept for inspection under names orbax does not list; the good ones and the new ones are steps again.
   names = sorted(os.listdir(ckpt))
-  assert {'5.damaged-unreadable-data', '4.damaged-unreadable-data', '3.damaged-bad-metadata'} <= set(names), names
+  assert {'5.damaged-unreadable-data', '4.damaged-missing-file', '3.damaged-bad-metadata'} <= set(names), names
   assert 'OUT_OF_RANGE' in (ckpt / '5.damaged-unreadable-data' / 'DAMAGED.txt').read_text()
   assert {'1', '2', '3', '4', '5'} <= set(names)
 
@@ -98,12 +109,12 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one(straight, tmp_path
 def test_nothing_restorable_is_an_error_not_a_fresh_start(straight, tmp_path):
   work = _copy_until(straight[0], tmp_path / 'work', 1)
   os.remove(work / 'checkpoints' / '1' / 'data' / 'process_0-of-1.json')
-  config = tiny_config(**RUN)
+  config = toy_config(**RUN)
   with pytest.raises(errors.CheckpointError, match=r'no checkpoint in .*checkpoints can be restored \(tried 1: step 1'):
     train.train_and_evaluate(config, str(work))
   assert os.listdir(work / 'checkpoints') == ['1']  # nothing renamed: the cause may be the config
   # The same with a config that does not match the checkpoints (another model).
-  other = tiny_config(**{**RUN, 'model.num_classes': 3, 'data.synthetic.num_classes': 3})
+  other = toy_config(**{**RUN, 'model.num_classes': 3, 'data.synthetic.num_classes': 3})
   work2 = _copy_until(straight[0], tmp_path / 'work2', 2)
   with pytest.raises(errors.CheckpointError, match='tried 2: step 2: .*; step 1: '):
     train.train_and_evaluate(other, str(work2))
@@ -112,7 +123,7 @@ def test_nothing_restorable_is_an_error_not_a_fresh_start(straight, tmp_path):
 
 def test_kill_while_deleting_old_checkpoints_leaves_a_restorable_workdir(straight, tmp_path, monkeypatch):
   work = _copy_until(straight[0], tmp_path / 'work', 2)
-  config = tiny_config(**{**RUN, 'keep_checkpoints': 2})
+  config = toy_config(**{**RUN, 'keep_checkpoints': 2})
   real_rmtree = shutil.rmtree
 
   def killed_half_way(path, ignore_errors=False):
@@ -154,11 +165,11 @@ runpy.run_path('main.py', run_name='__main__')
 def _main(cache_dir, args, wrapper=None):
   env = dict(
     os.environ,
-    PYTHONPATH=REPO,
+    PYTHONPATH=os.pathsep.join([REPO, TESTS_DIR]),
     JAX_COMPILATION_CACHE_DIR=cache_dir,
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   )
-  cmd = [sys.executable, *(['-c', wrapper] if wrapper else ['main.py']), '--config=tests/train_config.py', *args]
+  cmd = [sys.executable, *(['-c', wrapper] if wrapper else ['main.py']), '--config=tests/train_config.py:toy', *args]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -176,7 +187,7 @@ def test_full_disk_stops_with_a_message_and_a_rerun_resumes(straight, cache_dir,
   m = message[0]
   for part in (
     f'step 4 to {work}/checkpoints failed: No space left on device',
-    f'about {straight[2] / 2**20:.0f} MiB',
+    f'about {straight[2] / 2**10:.0f} KiB',  # the toy model's state is small
     'step 3 is intact',
   ):
     assert part in m, m
@@ -193,8 +204,9 @@ def test_damaged_fallback_prints_its_warning_and_nothing_else(straight, cache_di
   100 bytes. stderr holds the lines of any resumed run, the warning and the
   rename: no asyncio or TensorStore tracebacks (100,000 lines before the fix)."""
   damaged = _copy_until(straight[0], tmp_path / 'damaged', TOTAL)
-  with open(_data_files(damaged / 'checkpoints' / str(TOTAL))[-1], 'r+b') as f:
-    f.truncate(100)
+  for name in _data_files(damaged / 'checkpoints' / str(TOTAL)):
+    with open(name, 'r+b') as f:
+      f.truncate(100)
   run = _main(cache_dir, _run_flags(damaged))
   assert run.returncode == 0, run.stderr[-3000:]
   lines = run.stderr.strip().splitlines()

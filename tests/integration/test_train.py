@@ -19,7 +19,7 @@ from cgrseg_jax import preemption, train
 from cgrseg_jax.models import registry
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
 import toy_family
-from train_config import tiny_config
+from train_config import TOY, tiny_config, toy_config
 
 from paths import TESTS_DIR
 
@@ -30,9 +30,16 @@ def _params(result):
   return jax.tree_util.tree_leaves(jax.device_get(result['state'].params))
 
 
-def test_resume_after_sigterm_is_identical_to_a_straight_run(tmp_path):
-  # test_checkpointing.py's RUN: the same compiled step (the session's cache serves both)
-  config = tiny_config(total_steps=5, eval_every=-1, batch_size=2)
+@pytest.fixture(scope='module')
+def toy():
+  registry.register(toy_family.FAMILY, replace=True)
+  yield TOY
+  registry.unregister('toy')
+
+
+def test_resume_after_sigterm_is_identical_to_a_straight_run(toy, tmp_path):
+  # The toy family (test_checkpointing.py's step, which the session's cache serves): the question is the run.
+  config = toy_config(total_steps=5, eval_every=-1, batch_size=2)
   straight_batches = []
   straight = train.train_and_evaluate(
     config, str(tmp_path / 'a'), on_step=lambda s, b: straight_batches.append(b['index'].tolist())
@@ -64,13 +71,6 @@ def test_resume_after_sigterm_is_identical_to_a_straight_run(tmp_path):
   assert [l['step'] for l in lines if l['split'] == 'train'] == [1, 2, 3, 4, 5]
   assert os.path.isfile(tmp_path / 'b' / 'config.json')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'b' / 'tb'))
-
-
-@pytest.fixture(scope='module')
-def toy():
-  registry.register(toy_family.FAMILY, replace=True)
-  yield {'model.name': 'toy_small', 'model.backbone_bn': None}
-  registry.unregister('toy')
 
 
 def test_sigterm_during_compilation_stops_at_once_and_keeps_the_checkpoint(toy, tmp_path, monkeypatch):
@@ -123,9 +123,9 @@ def test_profile_steps_write_a_trace_with_step_annotations(toy, tmp_path):
   assert b'step_num' in data and b'train' in data  # StepTraceAnnotation('train', step_num=...)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(toy, tmp_path):
   # lr 1e38: the first update overflows the parameters, the second loss is not finite.
-  config = tiny_config(total_steps=4, eval_every=-1, batch_size=2, checkpoint_every=1, **{'optimizer.lr': 1e38})
+  config = toy_config(total_steps=4, eval_every=-1, batch_size=2, checkpoint_every=1, **{'optimizer.lr': 1e38})
   with pytest.raises(FloatingPointError, match='at step 2'):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
