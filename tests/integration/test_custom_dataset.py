@@ -11,7 +11,9 @@ from cgrseg_jax import errors, train
 from cgrseg_jax.data import input_pipeline, sources
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
 from png_files import write_png
-from train_config import tiny_config, with_values
+import toy_family
+from cgrseg_jax.models import registry
+from train_config import tiny_config, toy_config, with_values
 
 
 def _write_custom_tree(root, classes=3):
@@ -30,7 +32,14 @@ def _write_custom_tree(root, classes=3):
   return written
 
 
-def test_custom_dataset_trains_and_evaluates_through_the_main_code_path(tmp_path):
+@pytest.fixture
+def toy():
+  registry.register(toy_family.FAMILY, replace=True)
+  yield
+  registry.unregister('toy')
+
+
+def test_custom_dataset_trains_and_evaluates_through_the_main_code_path(toy, tmp_path):
   root = tmp_path / 'my_data'
   written = _write_custom_tree(root)
   from configs import custom_t
@@ -43,7 +52,7 @@ def test_custom_dataset_trains_and_evaluates_through_the_main_code_path(tmp_path
   c.data.img_scale = (80, 64)
   c.data.crop_size = (64, 64)
   c.data.workers = 0
-  tiny = tiny_config().model  # the test-sized model, whatever the model fields are called
+  tiny = toy_config().model  # the toy model: the question is the data path; whatever the model fields are called
   for key in tiny:
     if key != 'num_classes':
       c.model[key] = tiny[key]
