@@ -16,12 +16,9 @@ import sys
 from cgrseg_jax import errors
 
 
-def load(path: str):
-  """`get_config()` of the config file at `path`."""
-  path = os.path.abspath(path)
-  if not os.path.isfile(path):
-    raise errors.ConfigError(f'{path}: no such config file')
-  directory = os.path.dirname(path)
+def register_package(path: str) -> None:
+  """Register the directory of the config file at `path` as the package its siblings are imported from."""
+  directory = os.path.dirname(os.path.abspath(path))
   package = os.path.basename(directory)
   if package not in sys.modules and os.path.exists(os.path.join(directory, '__init__.py')):
     spec = importlib.util.spec_from_file_location(
@@ -30,6 +27,15 @@ def load(path: str):
     module = importlib.util.module_from_spec(spec)
     sys.modules[package] = module
     spec.loader.exec_module(module)
+
+
+def load(path: str):
+  """`get_config()` of the config file at `path`."""
+  path = os.path.abspath(path)
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f'{path}: no such config file')
+  register_package(path)
+  package = os.path.basename(os.path.dirname(path))
   stem = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'{package}.{stem}', path)
   module = importlib.util.module_from_spec(spec)

@@ -9,6 +9,7 @@ and the ignore pixels hatched, as one grid PNG.
 """
 
 import math
+import os
 import sys
 
 import cv2
@@ -16,16 +17,22 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cgrseg_jax import errors, inference, storage
+from cgrseg_jax import config_files, errors, inference, storage
 from cgrseg_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'The training config whose pipeline is shown.', lock_config=True)
-flags.DEFINE_integer('n', 16, 'Samples to show.')
-flags.DEFINE_enum('split', 'train', ['train', 'val'], 'train: data.train_pipeline; val: the test pipeline.')
-flags.DEFINE_string('out', 'browse.png', 'The grid PNG (local or gs://).')
-flags.DEFINE_float('opacity', 0.5, 'Label overlay opacity.')
-flags.DEFINE_integer('tile', 256, 'Tile height in pixels.')
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script only, so that importing this module (tests) leaves
+  the global flags to main.py."""
+  config_flags.DEFINE_config_file('config', None, 'The training config whose pipeline is shown.', lock_config=True)
+  flags.DEFINE_integer('n', 16, 'Samples to show.')
+  flags.DEFINE_enum('split', 'train', ['train', 'val'], 'train: data.train_pipeline; val: the test pipeline.')
+  flags.DEFINE_string('out', 'browse.png', 'The grid PNG (local or gs://).')
+  flags.DEFINE_float('opacity', 0.5, 'Label overlay opacity.')
+  flags.DEFINE_integer('tile', 256, 'Tile height in pixels.')
+
 
 HATCH_RGB = (255, 0, 255)
 
@@ -114,5 +121,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flag_as_required('config')
+  for arg in sys.argv[1:]:  # a config imports its siblings (`from configs import default`) from any cwd
+    if arg.startswith('--config=') and os.path.isfile(arg.split('=', 1)[1].split(':')[0]):
+      config_files.register_package(arg.split('=', 1)[1].split(':')[0])
   app.run(main)
