@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import toy_family
+from cgrseg_jax.models import registry
+from train_config import TOY
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -43,3 +46,11 @@ def shared_dir() -> Path:
   if not SHARED_DIR.is_dir():
     pytest.skip(f'shared directory not found at {SHARED_DIR}')
   return SHARED_DIR
+
+
+@pytest.fixture(scope='module')
+def toy():
+  """The toy family (tests/toy_family.py) registered for a module's tests; its config values."""
+  registry.register(toy_family.FAMILY, replace=True)
+  yield TOY
+  registry.unregister('toy')

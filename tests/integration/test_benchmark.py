@@ -9,11 +9,9 @@ import sys
 
 import pytest
 import script_modules
-import toy_family
 import torch
 
 from cgrseg_jax import cost
-from cgrseg_jax.models import registry
 from cgrseg_jax.torch_reference import cgrseg as ref
 from paths import REPO, SCRIPTS
 
@@ -68,13 +66,6 @@ def test_benchmark_smoke(tmp_path):
     assert r['jax']['fraction_of_peak']['eval_bs1'] == pytest.approx(want)
   assert 'fraction of peak' in proc.stdout and 'PyTorch eager' in proc.stdout
   assert r['ratio']['eval_bs1'] == pytest.approx(r['jax']['eval_img_per_s']['1'] / r['torch']['eval_img_per_s']['1'])
-
-
-@pytest.fixture
-def toy():
-  registry.register(toy_family.FAMILY, replace=True)
-  yield
-  registry.unregister('toy')
 
 
 def test_benchmark_eval_smoke(toy, tmp_path):

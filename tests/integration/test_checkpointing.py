@@ -19,8 +19,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cgrseg_jax import checkpointing, errors, train
-from cgrseg_jax.models import registry
-import toy_family
 from train_config import toy_config
 
 from paths import REPO, TESTS_DIR
@@ -29,11 +27,7 @@ TOTAL = 5
 RUN = dict(total_steps=TOTAL, eval_every=-1, batch_size=2, checkpoint_every=1, keep_checkpoints=TOTAL)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def toy_family_registered():
-  registry.register(toy_family.FAMILY, replace=True)
-  yield
-  registry.unregister('toy')
+pytestmark = pytest.mark.usefixtures('toy')  # toy_config's family, unregistered after the module
 
 
 @pytest.fixture(scope='module')

@@ -11,8 +11,6 @@ from cgrseg_jax import errors, train
 from cgrseg_jax.data import input_pipeline, sources
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
 from png_files import write_png
-import toy_family
-from cgrseg_jax.models import registry
 from train_config import tiny_config, toy_config, with_values
 
 
@@ -30,13 +28,6 @@ def _write_custom_tree(root, classes=3):
       write_png(str(root / 'annotations' / split / f'img{i}.png'), rec['label'], palette=palette)
       written[(split, i)] = rec['label']
   return written
-
-
-@pytest.fixture
-def toy():
-  registry.register(toy_family.FAMILY, replace=True)
-  yield
-  registry.unregister('toy')
 
 
 def test_custom_dataset_trains_and_evaluates_through_the_main_code_path(toy, tmp_path):

@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 
 from cgrseg_jax import preemption, train
-from cgrseg_jax.models import registry
 from cgrseg_jax.data.synthetic import SyntheticSegmentation
-import toy_family
-from train_config import TOY, tiny_config, toy_config
+from train_config import tiny_config, toy_config
 
 from paths import TESTS_DIR
 
@@ -28,13 +26,6 @@ REPO = os.path.dirname(TESTS_DIR)
 
 def _params(result):
   return jax.tree_util.tree_leaves(jax.device_get(result['state'].params))
-
-
-@pytest.fixture(scope='module')
-def toy():
-  registry.register(toy_family.FAMILY, replace=True)
-  yield TOY
-  registry.unregister('toy')
 
 
 def test_resume_after_sigterm_is_identical_to_a_straight_run(toy, tmp_path):
