@@ -30,7 +30,12 @@ def register_package(path: str) -> None:
 
 
 def load(path: str):
-  """`get_config()` of the config file at `path`."""
+  """`get_config()` of the config file at `path`; `file.py:arg` calls `get_config('arg')`,
+  as `main.py --config=file.py:arg` (ml_collections' config flags) does."""
+  arg = None
+  stem_path, sep, tail = path.rpartition(':')
+  if sep and stem_path.endswith('.py'):
+    path, arg = stem_path, tail
   path = os.path.abspath(path)
   if not os.path.isfile(path):
     raise errors.ConfigError(f'{path}: no such config file')
@@ -40,4 +45,4 @@ def load(path: str):
   spec = importlib.util.spec_from_file_location(f'{package}.{stem}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)

@@ -11,6 +11,9 @@ Accepted (`load(path)` tells them apart and detects model and class count):
 - `workdir`:   a training run directory (its latest step), or its `checkpoints/` dir;
 - `step`:      one step directory of a run (`<workdir>/checkpoints/<step>`).
 
+A run's EMA weights (`config.ema_decay`) instead of its raw ones: append `:ema`
+to a workdir or step path (`runs/t:ema`, `gs://bucket/run/checkpoints/8000:ema`).
+
 When a `model` (registered name), `variant` or `num_classes` is given it is
 checked against what the weights hold; errors say what was found and what was
 expected. Every entry point (training's `config.init`, `--mode=eval`,
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ('torch', 'backbone', 'converted', 'workdir', 'step')
 META_FILE = 'model.json'
+EMA_SUFFIX = ':ema'
 
 
 class LoadError(errors.CheckpointError, ValueError):
@@ -55,10 +59,11 @@ class Loaded:
   kind: str
   path: str
   report: Optional[LoadReport] = None
+  ema: bool = False  # the run's EMA weights
 
   def describe(self) -> str:
     what = f'{self.model}, {self.num_classes} classes' if self.kind != 'backbone' else f'backbone of {self.model}'
-    return f'{self.path} ({self.kind} checkpoint: {what})'
+    return f'{self.path} ({self.kind} checkpoint{", EMA weights" if self.ema else ""}: {what})'
 
 
 def load(
@@ -69,12 +74,18 @@ def load(
   num_classes: Optional[int] = None,
   kinds: tuple[str, ...] = KINDS,
 ) -> Loaded:
-  """Read `path` (any of `kinds`) and check it against `model`/`variant`/`num_classes`."""
+  """Read `path` (any of `kinds`; `<run>:ema` for a run's EMA weights) and check
+  it against `model`/`variant`/`num_classes`."""
+  ema = path.endswith(EMA_SUFFIX)
+  if ema:
+    path = path[: -len(EMA_SUFFIX)]
   where = storage.path(path)
   if not where.exists():
     raise LoadError(f'{path}: no such file or directory (expected a .pth file or a checkpoint directory)')
   if where.is_dir():
-    loaded = _load_directory(path, kinds)
+    loaded = _load_directory(path, kinds, ema)
+  elif ema:
+    raise LoadError(f'{path}{EMA_SUFFIX}: EMA weights are kept in training runs only; {path} is a file')
   else:
     loaded = _load_torch(path, kinds, model, variant)
   if loaded.kind != 'backbone':
@@ -133,9 +144,11 @@ def _read_torch(path: str) -> dict:
     raise LoadError(str(e)) from None
 
 
-def _load_directory(path: str, kinds) -> Loaded:
+def _load_directory(path: str, kinds, ema: bool = False) -> Loaded:
   meta_path = storage.path(path) / META_FILE
   if meta_path.exists() and 'converted' in kinds:
+    if ema:
+      raise LoadError(f'{path}{EMA_SUFFIX}: a converted checkpoint holds one set of weights, no EMA')
     meta = json.loads(meta_path.read_text())
     name, k = meta['model'], int(meta['num_classes'])
     template = registry.family_of(name).variable_shapes(name, k)
@@ -148,9 +161,9 @@ def _load_directory(path: str, kinds) -> Loaded:
       f'{path}: not a checkpoint directory: expected {META_FILE} (a converted checkpoint), '
       'a training workdir (checkpoints/<step>/state), a checkpoints/ dir or a step dir (<step>/state)'
     )
-  variables = _restore_state(step_dir)
+  variables = _restore_state(step_dir, ema)
   name, k = _run_model(step_dir, variables)
-  return Loaded(variables, name, k, kind, step_dir)
+  return Loaded(variables, name, k, kind, step_dir, ema=ema)
 
 
 def _find_step(path: str) -> tuple[Optional[str], str]:
@@ -166,9 +179,13 @@ def _find_step(path: str) -> tuple[Optional[str], str]:
   return None, ''
 
 
-def _restore_state(step_dir: str) -> dict:
+def _restore_state(step_dir: str, ema: bool = False) -> dict:
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(storage.path(step_dir) / 'state')
+  if ema:
+    if not restored.get('ema'):
+      raise LoadError(f'{step_dir}{EMA_SUFFIX}: this run kept no EMA weights (it trained with config.ema_decay=0)')
+    restored = restored['ema']
   try:
     return _host({'params': restored['params'], 'batch_stats': restored['batch_stats']})
   except (KeyError, TypeError):

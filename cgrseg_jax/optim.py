@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cgrseg_jax import errors
 from cgrseg_jax.models import registry
 
 _ALLOWED_MULTS = ('lr_mult', 'decay_mult')
@@ -142,7 +143,19 @@ def build_optimizer_from_config(params: Any, config) -> optax.GradientTransforma
   name = registry.recipe_value(config, 'optimizer.name')
   if name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name={name!r}; expected one of {sorted(OPTIMIZERS)}')
-  return OPTIMIZERS[name](params, config)
+  tx = OPTIMIZERS[name](params, config)
+  k = accumulation_steps(config)
+  # The inner optimizer (and so its schedule's count) steps once per k micro-batches, on
+  # their mean gradient; the partial sum lives in the optimizer state, so it is checkpointed.
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
+
+
+def accumulation_steps(config) -> int:
+  """`config.grad_accum_steps` (micro-batches per optimizer step), checked."""
+  k = config.get('grad_accum_steps', 1)
+  if not isinstance(k, int) or k < 1:
+    raise errors.ConfigError(f'config.grad_accum_steps={k!r}; expected an integer >= 1')
+  return k
 
 
 def _adamw_mmcv(params: Any, config) -> optax.GradientTransformation:

@@ -5,6 +5,9 @@ checkpoint, loop. One `jax.jit` train step: the state is replicated, the
 global batch is one array sharded over the mesh axis 'data' (all devices of
 all processes), so BatchNorm's batch statistics are those of the global
 batch (SyncBN) and gradients are global means, with no explicit collectives.
+With `config.grad_accum_steps = k` each call is one batch and the optimizer
+(optax `MultiSteps`) steps every k of them; `config.ema_decay` keeps an EMA of
+the weights in the state, evaluated beside them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,18 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from cgrseg_jax import checkpointing, evaluation, loader, losses, metric_writer, optim, preemption, profiling, storage
+from cgrseg_jax import (
+  checkpointing,
+  errors,
+  evaluation,
+  loader,
+  losses,
+  metric_writer,
+  optim,
+  preemption,
+  profiling,
+  storage,
+)
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
 from cgrseg_jax.models import registry
@@ -34,21 +48,24 @@ log = logging.getLogger(__name__)
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array
+  step: jax.Array  # batches trained on: grad_accum_steps per optimizer step
   params: Any
   batch_stats: Any
   opt_state: Any
-  rng: jax.Array  # raw uint32[2] key; per-step keys are folded in from `step`
+  rng: jax.Array  # raw uint32[2] key; per-batch keys are folded in from `step`
+  ema: Any = None  # {'params', 'batch_stats'} float32 moving average; None when config.ema_decay == 0
 
   @property
   def variables(self):
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss):
-  """One optimizer step on the global batch; returns (new state, scalar metrics).
+def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss, ema_decay: float = 0.0):
+  """One batch: forward, backward and `tx` (an optimizer step, or one micro-batch of
+  an `optax.MultiSteps` accumulation); returns (new state, scalar metrics).
   `method` is the model family's loss logits (`ModelFamily.loss_method`),
-  `loss(logits, labels)` resizes them to the labels."""
+  `loss(logits, labels)` resizes them to the labels. With `ema_decay`, the EMA
+  moves towards the new weights when an optimizer step was applied."""
   rng = jax.random.fold_in(state.rng, state.step)  # dropout / drop-path
   x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype)
 
@@ -66,7 +83,16 @@ def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss)
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+  ema = state.ema
+  if ema_decay:
+    stepped = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else True
+    d = jnp.float32(ema_decay)
+    ema = jax.tree_util.tree_map(
+      lambda e, w: jnp.where(stepped, d * e + (1 - d) * w.astype(jnp.float32), e),
+      ema,
+      {'params': params, 'batch_stats': batch_stats},
+    )
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, ema=ema)
   return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
@@ -122,14 +148,20 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
   dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
   init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
   tx = optim.build_optimizer_from_config(init_vars['params'], config)
+  accum = optim.accumulation_steps(config)
+  ema_decay = float(config.get('ema_decay', 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise errors.ConfigError(f'config.ema_decay={ema_decay}; expected 0 (off) or a decay in (0, 1)')
 
   def make_state(variables):
+    as_f32 = lambda t: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), t)
     return TrainState(
       step=jnp.zeros([], jnp.int32),
       params=variables['params'],
       batch_stats=variables['batch_stats'],
       opt_state=tx.init(variables['params']),
       rng=jax.random.PRNGKey(config.seed + 1),
+      ema=as_f32({'params': variables['params'], 'batch_stats': variables['batch_stats']}) if ema_decay else None,
     )
 
   # ---- sharding: state replicated, batch split over 'data'
@@ -142,7 +174,9 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
     registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index
   )
   step_fn = jax.jit(
-    functools.partial(train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=loss_fn),
+    functools.partial(
+      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=loss_fn, ema_decay=ema_decay
+    ),
     in_shardings=(repl, data_sharding),
     out_shardings=(repl, repl),
     donate_argnums=(0,),
@@ -165,11 +199,15 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
     ckpts.close()
     raise
   del init_vars
+  # The loop counts batches; with accumulation, k of them make an optimizer step, and
+  # logs, evaluations and scheduled checkpoints happen at optimizer steps.
   start = int(jax.device_get(state.step))
+  if start % accum:
+    log.info('resuming inside an accumulation: %d of %d batches done', start % accum, accum)
 
   # ---- loop
   writer = metric_writer.MetricWriter(workdir)
-  total = config.total_steps
+  total = config.total_steps * accum
   summary = {'status': 'done', 'val': None}
   bar = None
   if config.progress_bar and jax.process_index() == 0 and sys.stderr.isatty():
@@ -218,6 +256,8 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
         with profile.annotate(step):
           state, metrics = compiled_step(state, batch)
         done = step + 1
+        opt_done, at_step = divmod(done, accum)
+        at_step = at_step == 0  # an optimizer step was applied
         profile.after(done, metrics)
         if on_step is not None:
           on_step(done, local)
@@ -228,24 +268,24 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
         pending = (done, metrics)
         n_last += 1
 
-        if done % config.log_every == 0 or done == total:
+        if at_step and (opt_done % config.log_every == 0 or done == total):
           loss = check(pending)
           dt = time.time() - t_last
           rec = {
             'loss': loss,
             'grad_norm': float(metrics['grad_norm']),
-            'lr': optim.learning_rate(config, step),
+            'lr': optim.learning_rate(config, opt_done - 1),
             'images_per_sec': n_last * config.batch_size / max(dt, 1e-9),
           }
-          writer.write(done, rec, 'train')
+          writer.write(opt_done, rec, 'train')
           if bar is not None:
             bar.set_postfix(loss=f'{loss:.4f}', lr=f'{rec["lr"]:.2e}', img_s=f'{rec["images_per_sec"]:.1f}')
           else:  # not a terminal: one log line per log interval, with an ETA
             eta = (total - done) * config.batch_size / max(rec['images_per_sec'], 1e-9)
             log.info(
               'step %d/%d loss %.4f lr %.3g %.1f img/s ETA %s',
-              done,
-              total,
+              opt_done,
+              config.total_steps,
               loss,
               rec['lr'],
               rec['images_per_sec'],
@@ -253,18 +293,26 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
             )
           t_last, n_last = time.time(), 0
 
-        eval_now = config.eval_every >= 0 and (
-          done == total or (config.eval_every > 0 and done % config.eval_every == 0)
+        eval_now = at_step and (
+          config.eval_every >= 0 and (done == total or (config.eval_every > 0 and opt_done % config.eval_every == 0))
         )
-        ckpt_now = done == total or (config.checkpoint_every and done % config.checkpoint_every == 0)
+        ckpt_now = at_step and (
+          done == total or bool(config.checkpoint_every and opt_done % config.checkpoint_every == 0)
+        )
         if eval_now or ckpt_now:
           check(pending)  # never checkpoint a non-finite state
         val = None
         if eval_now:
-          val = evaluation.evaluate_and_report(evaluator, state.variables, config, workdir, done, writer, stop.check)
+          val = evaluation.evaluate_and_report(
+            evaluator, state.variables, config, workdir, opt_done, writer, stop.check
+          )
           summary['val'] = val
+          if state.ema is not None:
+            summary['val_ema'] = evaluation.evaluate_and_report(
+              evaluator, state.ema, config, workdir, opt_done, writer, stop.check, split='val_ema'
+            )
           if bar is not None:
-            bar.write(f'step {done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')
+            bar.write(f'step {opt_done}: mIoU {val["mIoU"]:.4f} mAcc {val["mAcc"]:.4f} aAcc {val["aAcc"]:.4f}')
         if eval_now or ckpt_now:
           save(done, {'mIoU': val['mIoU']} if val else None)
 
@@ -287,6 +335,7 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
     writer.close()
     if bar is not None:
       bar.close()
-  summary['step'] = int(jax.device_get(state.step))
+  summary['batches'] = int(jax.device_get(state.step))
+  summary['step'] = summary['batches'] // accum  # optimizer steps
   summary['state'] = state
   return summary

@@ -75,6 +75,11 @@ def get_config(dataset: str = 'ade20k'):
   c.data.custom.reduce_zero_label = False  # label 0 = 'other' -> ignored, ids shift down by one
 
   c.batch_size = 16  # global: 4 GPUs x 4 upstream
+  # Gradient accumulation: one optimizer step per this many batches of batch_size, on
+  # their mean gradient (effective batch batch_size x k). total_steps, the schedule and
+  # log/eval/checkpoint_every count optimizer steps; checkpoint directories count
+  # batches. BatchNorm in train mode normalises, and updates its statistics, per batch.
+  c.grad_accum_steps = 1
   c.eval_batch_size = 1  # global; whole-image test uses 1 image per device step
   c.total_steps = 160_000
 
@@ -92,6 +97,10 @@ def get_config(dataset: str = 'ade20k'):
   # statistics, never updated; scale and bias learn), or 'batch' (SyncBN, as the head).
   c.model.backbone_bn = config_dict.placeholder(str)
   c.precision = 'float32'  # compute dtype: float32 | bfloat16 (params stay float32)
+  # EMA of the weights (params and BatchNorm statistics, float32, in the checkpoint):
+  # ema = d * ema + (1 - d) * weights after each optimizer step, from the initial weights.
+  # 0 = off. Evaluations then report both (val/ and val_ema/); load them with <run>:ema.
+  c.ema_decay = 0.0
 
   # ---- initialisation: 'scratch', or anything cgrseg_jax/loader.py reads: an
   # ImageNet backbone .pth (backbone only, e.g. eformer_s1_450.pth, as upstream),

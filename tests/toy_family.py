@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from cgrseg_jax.errors import ConversionError
 from cgrseg_jax.models import key_layout, registry
+from cgrseg_jax.torch_reference.cgrseg import randomize_  # noqa: F401  (a reference module's seeded filler: benchmark.py)
 
 WIDTHS = {'toy_small': 8, 'toy_wide': 16}
 
@@ -24,13 +25,16 @@ class ToySeg(nn.Module):
   num_classes: int
   width: int = 8
   dtype: object = jnp.float32
+  frozen_bn: bool = False  # BatchNorm on running statistics in training too (`toy_frozen_bn`)
 
   @nn.compact
   def logits(self, x, train: bool = False):
     """Logits at stride 2 (what the loss reads)."""
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(self.width, (3, 3), strides=2, padding=1, dtype=self.dtype, name='stem_0')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='stem_1')(x)
+    x = nn.BatchNorm(
+      use_running_average=not train or self.frozen_bn, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='stem_1'
+    )(x)
     x = nn.relu(x)
     x = x + nn.Conv(self.width, (1, 1), use_bias=False, dtype=self.dtype, name='mix')(x)
     return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
@@ -50,10 +54,13 @@ class ToyTorch(torch.nn.Module):
     self.mix = torch.nn.Conv2d(width, width, 1, bias=False)
     self.classifier = torch.nn.Conv2d(width, num_classes, 1)
 
-  def forward(self, x):
+  def logits(self, x):
+    """Stride-2 logits, the family's `loss_method` (what the training loss reads)."""
     y = F.relu(self.stem(x))
-    y = self.classifier(y + self.mix(y))
-    return F.interpolate(y, size=x.shape[2:], mode='bilinear', align_corners=False)
+    return self.classifier(y + self.mix(y))
+
+  def forward(self, x):
+    return F.interpolate(self.logits(x), size=x.shape[2:], mode='bilinear', align_corners=False)
 
 
 def detect(state):
@@ -84,8 +91,9 @@ LAYOUT = key_layout.KeyLayout(list_modules=('stem',))
 
 FAMILY = registry.ModelFamily(
   name='toy',
-  variants={name: {'width': w} for name, w in WIDTHS.items()},
-  build=lambda num_classes, dtype=jnp.float32, width=8: ToySeg(num_classes, width, dtype),
+  # toy_frozen_bn: a step without batch statistics, whose gradient is a plain mean over images.
+  variants={**{name: {'width': w} for name, w in WIDTHS.items()}, 'toy_frozen_bn': {'width': 8, 'frozen_bn': True}},
+  build=lambda num_classes, dtype=jnp.float32, width=8, frozen_bn=False: ToySeg(num_classes, width, dtype, frozen_bn),
   key_layout=LAYOUT,
   detect=detect,
   loss_method='logits',
@@ -93,5 +101,5 @@ FAMILY = registry.ModelFamily(
   detect_backbone=detect_backbone,
   load_backbone=load_backbone,
   recipe={'optimizer.name': 'adamw_mmcv', 'loss': 'cross_entropy'},
-  torch_reference=lambda name, num_classes: ToyTorch(num_classes, WIDTHS[name]),
+  torch_reference=lambda name, num_classes: ToyTorch(num_classes, WIDTHS.get(name, 8)),
 )

@@ -3,7 +3,7 @@
   python train_worker.py OUT_NPZ WORKDIR OVERRIDES_JSON [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Trains the synthetic tiny config with the overrides, then writes the final
-params (flattened by upstream name), the val metrics, the run's status and
+params (flattened by upstream name; the EMA weights as `__ema__<path>` when kept), the val metrics, the run's status and
 step to OUT_NPZ (OUT_NPZ.<process>.npz with several processes).
 SIGTERM_AT=<process>:<step> sends SIGTERM to that process after that step,
 SIGKILL_AT=<step>:<saved> SIGKILL (no handler, no cleanup: a lost machine)
@@ -65,6 +65,11 @@ def main():
   params = jax.device_get(result['state'].params)
   names = jax.tree_util.tree_leaves(registry.param_names(params, config.model.name))
   flat = {n: np.asarray(v) for n, v in zip(names, jax.tree_util.tree_leaves(params))}
+  if result['state'].ema is not None:  # config.ema_decay: the EMA weights too, as '__ema__<leaf path>'
+    ema = jax.device_get(result['state'].ema)
+    flat.update(
+      {f'__ema__{jax.tree_util.keystr(k)}': np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(ema)}
+    )
   val = result['val'] or {}
   flat['__val__'] = np.array(json.dumps({k: val[k] for k in ('mIoU', 'mAcc', 'aAcc') if k in val}))
   flat['__status__'] = np.array(f'{result["status"]}:{result["step"]}')

@@ -52,22 +52,24 @@ def make_evaluator(config, model, mesh):
 log = logging.getLogger(__name__)
 
 
-def evaluate_and_report(evaluator, variables, config, workdir, step: int, writer, check=None) -> dict:
+def evaluate_and_report(evaluator, variables, config, workdir, step: int, writer, check=None, split='val') -> dict:
   """Evaluate, write `<workdir>/eval/<step>/` (report.py; process 0), log the
-  table and write the scalars and per-class metrics to `writer`."""
+  table and write the scalars and per-class metrics to `writer` under `split`.
+  Another split (the EMA weights' 'val_ema') writes its report to `eval/<step>/<split>/`."""
   metrics = evaluator(variables, check=check)
   counts, scores = metrics.pop('confusion'), metrics.pop('image_miou')
   if jax.process_index() == 0:
+    where = storage.path(workdir) / 'eval' / str(step)
     report.write_report(
-      storage.path(workdir) / 'eval' / str(step),
+      where if split == 'val' else where / split,
       {'confusion': counts, 'image_miou': scores},
       evaluator,
       variables,
       config.eval.worst_images,
       evaluator.data.info.class_names or None,
     )
-  metric.log_metrics(step, metrics)
-  writer.write(step, metrics, 'val')
+  metric.log_metrics(step, metrics, split)
+  writer.write(step, metrics, split)
   return metrics
 
 

@@ -148,6 +148,7 @@ def format_table(metrics: dict) -> str:
   return '\n'.join(lines)
 
 
-def log_metrics(step: int, metrics: dict):
+def log_metrics(step: int, metrics: dict, split: str = 'val'):
   count = metrics.get('eval_images', metrics.get('eval_batches'))
-  log.info('step %d validation (%s, %.1fs):\n%s', step, count, metrics['eval_seconds'], format_table(metrics))
+  what = 'validation' if split == 'val' else f'validation ({split})'
+  log.info('step %d %s (%s, %.1fs):\n%s', step, what, count, metrics['eval_seconds'], format_table(metrics))

@@ -1,6 +1,7 @@
-"""scripts/benchmark.py end to end: a smoke run (tiny model, 64x64, one
-repetition, JAX and PyTorch eager in their own processes) whose JSON carries
-the documented fields, with the counts the PyTorch reference gives."""
+"""scripts/benchmark.py end to end: a smoke run (64x64, one repetition, JAX and
+PyTorch eager in their own processes) whose JSON carries the documented fields,
+with the counts the PyTorch reference gives. The plumbing is the question: it
+runs the toy family (tests/train_config.py:toy registers it in every process)."""
 
 import json
 import os
@@ -13,7 +14,8 @@ import torch
 
 from cgrseg_jax import cost
 from cgrseg_jax.torch_reference import cgrseg as ref
-from paths import REPO, SCRIPTS
+from paths import REPO, SCRIPTS, TESTS_DIR
+from toy_family import ToyTorch
 
 SCRIPT = os.path.join(SCRIPTS, 'benchmark.py')
 
@@ -24,8 +26,7 @@ def test_benchmark_smoke(tmp_path):
     [
       sys.executable,
       SCRIPT,
-      '--config=configs/synthetic_t.py',
-      '--variant=tiny',
+      '--config=tests/train_config.py:toy',
       '--num-classes=8',
       '--size=64,64',
       '--batch-sizes=1',
@@ -42,12 +43,13 @@ def test_benchmark_smoke(tmp_path):
     text=True,
     timeout=900,
     cwd=REPO,
+    env={**os.environ, 'PYTHONPATH': os.pathsep.join([REPO, TESTS_DIR])},
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'JAX / PyTorch eager speed' in proc.stdout
   r = json.load(open(out))
   assert r['input'] == [64, 64]
-  model = ref.build_torch_segmentor('tiny', 8).eval()
+  model = ToyTorch(8, 8).eval()
   assert r['params'] == ref.count_learnable_params(model)
   assert r['gmacs'] == pytest.approx(cost.torch_macs(model, torch.zeros(1, 3, 64, 64)) / 1e9, rel=1e-12)
   assert r['gflops_xla'] > 0

@@ -1,7 +1,9 @@
 """Tiled inference (cgrseg_jax/tiled.py): the labels of mmseg slide inference
 (`Segmenter` in slide mode at the image's own scale) with one compiled window
 shape for every image size, and a peak host memory that grows with the width
-of the image, not its area (measured in fresh processes)."""
+of the image, not its area (measured in fresh processes). The windows are the
+question, not the model: the toy family (tests/toy_family.py), whose
+convolutions see the window borders as a real model's do."""
 
 import json
 import os
@@ -30,8 +32,8 @@ def _image(hw, seed):
 
 
 @pytest.fixture(scope='module')
-def segmenter():
-  model = build_model('cgrseg_tiny', K)
+def segmenter(toy):
+  model = build_model('toy_small', K)
   variables = jax.jit(model.init)(jax.random.PRNGKey(3), jnp.zeros((1, 64, 64, 3)))
   return Segmenter(model, variables, dataset='synthetic', crop_size=CROP, stride=STRIDE)
 
