@@ -171,7 +171,7 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
   # ---- step
   dtype = registry.DTYPES[config.precision]
   loss_fn = losses.build_loss(
-    registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index
+    registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index, workdir=workdir
   )
   step_fn = jax.jit(
     functools.partial(

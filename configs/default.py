@@ -130,7 +130,14 @@ def get_config(dataset: str = 'ade20k'):
   c.optimizer.momentum = 0.9
   c.optimizer.upstream_frozen = False
 
-  c.loss = config_dict.placeholder(str)  # None: the model family's (losses.LOSSES)
+  # The decode-head loss (mmseg's loss_decode): a name of losses.LOSSES, or a list of
+  # (name, weight) / (name, weight, {options}) entries whose weighted sum is the loss, e.g.
+  #   [('cross_entropy', 1.0, {'class_weight': 'auto', 'class_weight_method': 'enet'}), ('dice', 3.0)]
+  # Names: cross_entropy, ohem, dice, dice_0x, focal, lovasz (options: losses.py). None: the
+  # model family's ('cross_entropy' CGRSeg, 'ohem' CSFCN). class_weight='auto' counts the
+  # training labels once and caches the counts in <workdir>/class_histogram.json.
+  # From the command line: --config.loss=dice or --config.loss="[('cross_entropy', 1.0), ('dice', 3.0)]".
+  c.loss = config_dict.placeholder(object)
   # OHEM cross-entropy (loss 'ohem'): keep pixels with target probability <= max(thresh,
   # the min_kept-th smallest); min_kept counts pixels of the whole global batch.
   c.ohem = ml_collections.ConfigDict()
