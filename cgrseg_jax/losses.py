@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cgrseg_jax import errors
+from cgrseg_jax.data import class_stats, input_pipeline
 from cgrseg_jax.data.datasets import IGNORE_INDEX
 from cgrseg_jax.models import resize
 
@@ -491,15 +492,11 @@ class _Context:
 
   def histogram(self):
     if self._histogram is None:  # counted (or read) once for every entry of the spec
-      from cgrseg_jax.data import class_stats  # the data pipeline, only for 'auto'
-
       self._histogram = class_stats.train_histogram(self.config, self.workdir)
     return self._histogram
 
   def class_weight(self, value, method) -> tuple[Optional[np.ndarray], str]:
     """(K weights or None, how they were chosen for the log)."""
-    from cgrseg_jax.data import class_stats
-
     auto = isinstance(value, str) and value == 'auto'
     if method is not None and not auto:
       raise _BadOption('class_weight_method', method, "nothing unless class_weight='auto'")
@@ -638,8 +635,6 @@ def _num_classes(config) -> Optional[int]:
   try:
     k = config.model.get('num_classes')
     if k is None:
-      from cgrseg_jax.data import input_pipeline
-
       k = input_pipeline.dataset_info(config).num_classes
     return int(k)
   except Exception:  # a partial config (tests): the lengths are checked against the logits instead

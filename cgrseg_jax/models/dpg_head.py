@@ -62,6 +62,8 @@ class DPGHead(nn.Module):
       1, 1, dtype=self.dtype, kernel_init=nn.initializers.variance_scaling(2.0, 'fan_in', 'normal'), name='conv_mask'
     )(context)
     mask = jax.nn.softmax(mask.reshape(b, h * w).astype(jnp.float32), axis=1).astype(context.dtype)
-    pooled = jnp.einsum('bp,bpc->bc', mask, context.reshape(b, h * w, c)).reshape(b, 1, 1, c)
+    pooled = jnp.einsum('bp,bpc->bc', mask, context.reshape(b, h * w, c))
+    # The 1x1 convs of a 1x1 map run on the (b, c) vectors: LiteRT's converter
+    # mislowers a matmul of one (1, 1, 1, c) pixel.
     gate = jax.nn.sigmoid(ChannelMlp(x.shape[-1], self.hidden, dtype=self.dtype, name='channel_mul_conv')(pooled))
-    return x * gate
+    return x * gate.reshape(b, 1, 1, -1)

@@ -65,7 +65,10 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(dtype=d, name='conv1_4')(x, train))
     x = conv(self.inplanes, 3, padding=1, bias=False, dtype=d, name='conv1_6')(x)
     x = nn.relu(BatchNorm(dtype=d, name='bn1')(x, train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # MaxPool2d(3, 2, padding=1): the -inf border written out, because jax2onnx's
+    # max_pool drops explicit padding (and wants the window as a keyword).
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2))
     inplanes, outs = self.inplanes, []
     for i, (planes, depth) in enumerate(zip(STAGE_WIDTHS, self.depths)):
       stride = 1 if i == 0 else 2

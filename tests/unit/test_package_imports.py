@@ -16,7 +16,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / 'cgrseg_jax'
 # What may be imported inside a function: the optional extras and their heavy
 # packages (torch, TFDS, SciPy for the .mat converters, Pillow for Cityscapes).
-LAZY_ALLOWED = ('torch', 'tensorflow_datasets', 'scipy', 'PIL', 'cgrseg_jax.torch_reference')
+# the `export` extra's converters and runtimes are optional too (cgrseg_jax/exporter.py)
+LAZY_ALLOWED = (
+  'torch',
+  'tensorflow_datasets',
+  'scipy',
+  'PIL',
+  'cgrseg_jax.torch_reference',
+  'jax2onnx',
+  'litert_converter',
+  'onnxruntime',
+  'ai_edge_litert',
+)
 
 
 def _module_name(path: Path) -> str:
