@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Two workers: XLA compiles are mostly single-threaded, so they overlap well; worksteal
 # hands a finished worker the other one's remaining tests, so the long ones do not end alone.
-PYTEST_ARGS ?= -n 2 --dist worksteal
+# --durations: the slowest tests, listed at the end of every run (the 20-minute budget).
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=25
 
 .PHONY: setup test test-unit lint format demo parity clean
 

@@ -15,6 +15,7 @@ in cgrseg_jax/errors.py) print one line and exit with status 2; --verbose adds
 the traceback. Anything else is a bug and keeps its traceback.
 """
 
+import json
 import logging
 import os
 import sys
@@ -30,12 +31,17 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cgrseg_jax import errors, evaluation, train  # noqa: E402
+from cgrseg_jax import aot, errors, evaluation, storage, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/synthetic_t.py', 'Training configuration.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and metrics (default runs/<config name>).')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'train (resumes automatically) or eval.')
+flags.DEFINE_enum(
+  'mode', 'train', ['train', 'eval', 'compile'], 'train (resumes automatically), eval, or compile (for --topology).'
+)
+flags.DEFINE_string('topology', None, '--mode=compile: the TPU slice to compile for, e.g. v5e:2x2 (aot.py).')
+flags.DEFINE_integer('per_chip_batch', None, '--mode=compile: batch per device (default: batch_size / devices).')
+flags.DEFINE_bool('find_max_batch', False, '--mode=compile: also search the largest batch per device that fits.')
 flags.DEFINE_enum(
   'distributed',
   'auto',
@@ -73,6 +79,8 @@ def default_workdir(config_path: str) -> str:
 
 def main(argv):
   del argv
+  if FLAGS.mode == 'compile' and 'JAX_PLATFORMS' not in os.environ:
+    jax.config.update('jax_platforms', 'cpu')  # the host only compiles; libtpu is for the target
   if _want_distributed():
     # Cross-process collectives on CPU need gloo; no effect on GPU/TPU backends.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -90,7 +98,14 @@ def main(argv):
   workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
   logging.info('workdir: %s', workdir)
   try:
-    if FLAGS.mode == 'eval':
+    if FLAGS.mode == 'compile':
+      if not FLAGS.topology:
+        raise errors.ConfigError('--mode=compile needs --topology (e.g. --topology=v5e:2x2)')
+      report = aot.run(FLAGS.config, FLAGS.topology, ('train', 'eval'), FLAGS.per_chip_batch, FLAGS.find_max_batch)
+      print(aot.format_report(report))
+      storage.path(workdir).mkdir(parents=True, exist_ok=True)
+      (storage.path(workdir) / f'aot_{FLAGS.topology.replace(":", "_")}.json').write_text(json.dumps(report, indent=2))
+    elif FLAGS.mode == 'eval':
       evaluation.run(FLAGS.config, workdir)
     else:
       result = train.train_and_evaluate(FLAGS.config, workdir)

@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import re
+from typing import NamedTuple
 
 import jax
 from jax.extend import core
@@ -172,6 +173,31 @@ ACCELERATOR_PEAK_TFLOPS = (
   ('TPU v5', 459.0, 459.0),  # TPU v5p
   ('TPU v4', 275.0, 275.0),  # TPU v4
 )
+
+
+class Memory(NamedTuple):
+  capacity_gib: float  # HBM per chip
+  bandwidth_gbps: float  # HBM bandwidth per chip, GB/s (1e9 bytes)
+  source: str
+
+
+# HBM per chip of the TPUs `aot.py` compiles for, from the same Google Cloud TPU
+# pages as the peaks above (system architecture of each version); matched on
+# `device_kind` like ACCELERATOR_PEAK_TFLOPS, specific names first.
+ACCELERATOR_MEMORY = (
+  ('TPU v6', Memory(32.0, 1640.0, 'cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 1640 GB/s')),
+  ('TPU v5 lite', Memory(16.0, 819.0, 'cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 819 GB/s')),
+  ('TPU v5', Memory(95.0, 2765.0, 'cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 2765 GB/s')),
+  ('TPU v4', Memory(32.0, 1228.0, 'cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 1228 GB/s')),
+)
+
+
+def accelerator_memory(device_kind: str) -> Memory | None:
+  """HBM size and bandwidth of `device_kind`, or None when not in ACCELERATOR_MEMORY."""
+  for name, memory in ACCELERATOR_MEMORY:
+    if name.lower() in device_kind.lower():
+      return memory
+  return None
 
 
 def device_name(platform_name: str, kind: str) -> str:

@@ -41,6 +41,7 @@ from cgrseg_jax import errors
 from cgrseg_jax.data import class_stats, input_pipeline
 from cgrseg_jax.data.datasets import IGNORE_INDEX
 from cgrseg_jax.models import resize
+from cgrseg_jax.models.layers import target_platform
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,12 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX, class_weight
 
 
 def segmentation_loss(
-  stride8_logits, labels, ignore_index: int = IGNORE_INDEX, class_weight=None, avg_non_ignore: bool = False
+  stride8_logits,
+  labels,
+  ignore_index: int = IGNORE_INDEX,
+  class_weight=None,
+  avg_non_ignore: bool = False,
+  platform: Optional[str] = None,
 ):
   """mmseg decode-head loss: resize the head output to the labels, then `cross_entropy`
   (with its `class_weight` and `avg_non_ignore`).
@@ -93,8 +99,9 @@ def segmentation_loss(
   resize + cross-entropy + autodiff on a CPU, where the full-size passes are
   bound by memory bandwidth). Same arithmetic per pixel, class weights
   included. Other shapes, and GPU/TPU (where a loop of small bands would only
-  add launches), take the plain path."""
-  plan = _band_plan(stride8_logits.shape, labels.shape) if jax.default_backend() == 'cpu' else None
+  add launches), take the plain path. `platform`: the one the loss is compiled
+  for (layers.target_platform: None = this process's devices)."""
+  plan = _band_plan(stride8_logits.shape, labels.shape) if target_platform(platform) == 'cpu' else None
   if plan is None:
     logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3])
     return cross_entropy(logits, labels, ignore_index, class_weight, avg_non_ignore)
@@ -488,6 +495,7 @@ class _Context:
   ignore_index: int
   workdir: object
   num_classes: Optional[int]
+  platform: Optional[str] = None  # what the loss is compiled for (the banded CPU path)
   _histogram: object = None
 
   def histogram(self):
@@ -528,7 +536,9 @@ def _with_options(describe: str, *options: str) -> str:
 def _cross_entropy(ctx, class_weight=None, class_weight_method=None, avg_non_ignore=False) -> _Term:
   weight, how = ctx.class_weight(class_weight, class_weight_method)
   avg = _flag('avg_non_ignore', avg_non_ignore)
-  fn = functools.partial(segmentation_loss, ignore_index=ctx.ignore_index, class_weight=weight, avg_non_ignore=avg)
+  fn = functools.partial(
+    segmentation_loss, ignore_index=ctx.ignore_index, class_weight=weight, avg_non_ignore=avg, platform=ctx.platform
+  )
   return _Term(fn, False, _with_options('cross_entropy', how, 'avg_non_ignore' if avg else ''))
 
 
@@ -655,13 +665,13 @@ def _build_term(where: str, name: str, options: dict, ctx: _Context) -> _Term:
     raise errors.ConfigError(f'{where} ({name!r}): {e.option}={e.value!r}; expected {e.expected}') from None
 
 
-def build_loss(spec, config, ignore_index: int, workdir=None):
+def build_loss(spec, config, ignore_index: int, workdir=None, platform=None):
   """config.loss (default: the model family's recipe) -> loss(logits at any stride, labels),
   with the dataset's `ignore_index`. `spec`: a name of `LOSSES` or a list of
   (name, weight[, {options}]) entries, summed with their weights (module
   docstring). `workdir` holds the class histogram cache of class_weight='auto'
   (None: count without caching). Bad names or options: ConfigError naming the entry."""
-  ctx = _Context(config, int(ignore_index), workdir, _num_classes(config))
+  ctx = _Context(config, int(ignore_index), workdir, _num_classes(config), platform)
   terms = [(weight, _build_term(where, name, options, ctx)) for where, name, weight, options in _entries(spec)]
   log.info('training loss: %s', ' + '.join(f'{w:g} * {t.describe}' for w, t in terms))
   if len(terms) == 1 and terms[0][0] == 1.0:

@@ -12,6 +12,7 @@ the weights in the state, evaluated beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -96,6 +97,92 @@ def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss,
   return new, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+  """The compiled pieces of a run for one mesh; `_train` and the AOT compile
+  (aot.py, `main.py --mode=compile`) build them with the same function."""
+
+  model: Any
+  tx: optax.GradientTransformation
+  accum: int  # batches per optimizer step
+  make_state: Callable  # variables -> TrainState
+  abstract_state: Any  # TrainState of ShapeDtypeStructs, replicated
+  step_fn: Callable  # jit(state, batch) -> (state, metrics), the run's shardings
+  repl: NamedSharding
+  data_sharding: NamedSharding
+  platform: str  # what the step is built and compiled for: the mesh's devices'
+
+
+def build_step(config, mesh: Mesh, workdir=None, platform: Optional[str] = None) -> StepParts:
+  """Model, optimizer, state shardings and the jitted train step of `config` for
+  `mesh`. Backend-specific layer and loss forms follow the mesh's platform (not
+  the host's: an AOT compile for TPU from a CPU host gets the TPU forms), or
+  `platform` when given (a `jax.export` lowering for another platform, e.g. 'gpu')."""
+  platform = platform or mesh.devices.flat[0].platform
+  repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  model = registry.build_from_config(config, platform=platform)
+  family = registry.family_of(config.model.name)
+  dummy = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  abstract_vars = jax.eval_shape(model.init, jax.random.PRNGKey(config.seed), dummy)
+  tx = optim.build_optimizer_from_config(abstract_vars['params'], config)
+  accum = optim.accumulation_steps(config)
+  ema_decay = float(config.get('ema_decay', 0.0))
+  if not 0.0 <= ema_decay < 1.0:
+    raise errors.ConfigError(f'config.ema_decay={ema_decay}; expected 0 (off) or a decay in (0, 1)')
+
+  def make_state(variables):
+    as_f32 = lambda t: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), t)
+    return TrainState(
+      step=jnp.zeros([], jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+      rng=jax.random.PRNGKey(config.seed + 1),
+      ema=as_f32({'params': variables['params'], 'batch_stats': variables['batch_stats']}) if ema_decay else None,
+    )
+
+  # state replicated, batch split over 'data'
+  abstract = jax.eval_shape(make_state, abstract_vars)
+  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
+  loss_fn = losses.build_loss(
+    registry.recipe_value(config, 'loss'),
+    config,
+    input_pipeline.dataset_info(config).ignore_index,
+    workdir=workdir,
+    platform=platform,
+  )
+  step_fn = jax.jit(
+    functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      dtype=registry.DTYPES[config.precision],
+      method=family.loss_method,
+      loss=loss_fn,
+      ema_decay=ema_decay,
+    ),
+    in_shardings=(repl, data_sharding),
+    out_shardings=(repl, repl),
+    donate_argnums=(0,),
+  )
+  return StepParts(model, tx, accum, make_state, abstract, step_fn, repl, data_sharding, platform)
+
+
+def abstract_train_batch(config, mesh: Mesh, batch_size: Optional[int] = None) -> dict:
+  """The global train batch the pipeline feeds (`batch_size`, default
+  config.batch_size, at config.data.crop_size) as ShapeDtypeStructs sharded over 'data'."""
+  b = int(batch_size or config.batch_size)
+  h, w = (int(v) for v in config.data.crop_size)
+  sharding = NamedSharding(mesh, P('data'))
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return {
+    'image': spec((b, h, w, 3), jnp.uint8),
+    'label': spec((b, h, w), jnp.uint8),
+    'valid_hw': spec((b, 2), jnp.int32),
+    'index': spec((b,), jnp.int32),
+  }
+
+
 def _replicate(tree, sharding):
   """Host values (identical on every process) -> arrays with `sharding`."""
   return jax.tree_util.tree_map(
@@ -133,7 +220,7 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
 
   # ---- mesh: every device of every process on one data axis
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  repl = NamedSharding(mesh, P())
   if config.batch_size % mesh.size:
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices')
   log.info('mesh: %d devices over %d processes; global batch %d', mesh.size, jax.process_count(), config.batch_size)
@@ -141,46 +228,18 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
   # ---- data
   train_it = input_pipeline.train_iterator(config)
 
-  # ---- model and optimizer
-  model = registry.build_from_config(config)
-  family = registry.family_of(config.model.name)
+  # ---- model and optimizer, sharding, step (built for the mesh's platform)
+  parts = build_step(config, mesh, workdir)
+  model, accum, make_state, abstract, step_fn = (
+    parts.model,
+    parts.accum,
+    parts.make_state,
+    parts.abstract_state,
+    parts.step_fn,
+  )
   evaluator = evaluation.make_evaluator(config, model, mesh)
   dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
   init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
-  tx = optim.build_optimizer_from_config(init_vars['params'], config)
-  accum = optim.accumulation_steps(config)
-  ema_decay = float(config.get('ema_decay', 0.0))
-  if not 0.0 <= ema_decay < 1.0:
-    raise errors.ConfigError(f'config.ema_decay={ema_decay}; expected 0 (off) or a decay in (0, 1)')
-
-  def make_state(variables):
-    as_f32 = lambda t: jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float32), t)
-    return TrainState(
-      step=jnp.zeros([], jnp.int32),
-      params=variables['params'],
-      batch_stats=variables['batch_stats'],
-      opt_state=tx.init(variables['params']),
-      rng=jax.random.PRNGKey(config.seed + 1),
-      ema=as_f32({'params': variables['params'], 'batch_stats': variables['batch_stats']}) if ema_decay else None,
-    )
-
-  # ---- sharding: state replicated, batch split over 'data'
-  abstract = jax.eval_shape(make_state, init_vars)
-  abstract = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), abstract)
-
-  # ---- step
-  dtype = registry.DTYPES[config.precision]
-  loss_fn = losses.build_loss(
-    registry.recipe_value(config, 'loss'), config, input_pipeline.dataset_info(config).ignore_index, workdir=workdir
-  )
-  step_fn = jax.jit(
-    functools.partial(
-      train_step, model=model, tx=tx, dtype=dtype, method=family.loss_method, loss=loss_fn, ema_decay=ema_decay
-    ),
-    in_shardings=(repl, data_sharding),
-    out_shardings=(repl, repl),
-    donate_argnums=(0,),
-  )
 
   # ---- checkpoint: resume from workdir (the newest step that restores), else config.init
   ckpts = checkpointing.RunCheckpoints(workdir / 'checkpoints', config.keep_checkpoints)

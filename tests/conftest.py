@@ -15,10 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-import toy_family
-from cgrseg_jax.models import registry
-from train_config import TOY
+# The tests run on the CPU. With libtpu installed (the tpu extra, for the AOT tests) JAX would
+# otherwise try a TPU first; subprocesses inherit this.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+import toy_family  # noqa: E402
+from cgrseg_jax.models import registry  # noqa: E402
+from train_config import TOY  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -93,7 +93,9 @@ FAMILY = registry.ModelFamily(
   name='toy',
   # toy_frozen_bn: a step without batch statistics, whose gradient is a plain mean over images.
   variants={**{name: {'width': w} for name, w in WIDTHS.items()}, 'toy_frozen_bn': {'width': 8, 'frozen_bn': True}},
-  build=lambda num_classes, dtype=jnp.float32, width=8, frozen_bn=False: ToySeg(num_classes, width, dtype, frozen_bn),
+  build=lambda num_classes, dtype=jnp.float32, width=8, frozen_bn=False, platform=None: ToySeg(
+    num_classes, width, dtype, frozen_bn
+  ),
   key_layout=LAYOUT,
   detect=detect,
   loss_method='logits',

@@ -63,6 +63,20 @@ def make_eval_step(model, mesh, num_classes: int, ignore_index: int, normalize: 
   )
 
 
+def abstract_batch(sharding, batch: int, hw) -> dict:
+  """An eval batch of `batch` images padded to `hw` (label bucket = image bucket) as
+  ShapeDtypeStructs with `sharding`: what `make_eval_step` takes, for lowering alone."""
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  h, w = hw
+  return {
+    'image': spec((batch, h, w, 3), jnp.uint8),
+    'valid_hw': spec((batch, 2), jnp.int32),
+    'orig_hw': spec((batch, 2), jnp.int32),
+    'label': spec((batch, h, w), jnp.uint8),
+    'index': spec((batch,), jnp.int32),
+  }
+
+
 def evaluate(
   eval_step,
   variables,
@@ -114,7 +128,7 @@ def evaluate(
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_step(model, mesh, num_classes: int, ignore_index: int):
+def cached_eval_step(model, mesh, num_classes: int, ignore_index: int):
   normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype)
   return make_eval_step(model, mesh, num_classes, ignore_index, normalize)
 
@@ -126,7 +140,7 @@ class BucketedEvaluator:
     self.config, self.model, self.mesh = config, model, mesh
     self.seg = None  # the panels' Segmenter, made at the first report, then reused
     self.data = input_pipeline.eval_data(config)
-    self.step = _eval_step(model, mesh, config.model.num_classes, self.data.info.ignore_index)
+    self.step = cached_eval_step(model, mesh, config.model.num_classes, self.data.info.ignore_index)
 
   def __call__(self, variables, check: Optional[Callable[[], None]] = None) -> dict:
     repl = NamedSharding(self.mesh, P())

@@ -146,13 +146,15 @@ def build_segmentor(
   resolution: int = 512,
   depthwise: str = 'auto',
   backbone_bn: str = 'frozen',
+  platform: str | None = None,
 ) -> CGRSegModel:
   """CGRSeg of a `VARIANTS` size. `dtype` is the compute dtype (parameters stay
   float32); `drop_path_rate` overrides the variant's backbone stochastic depth;
   `dropout_ratio` is the Dropout2d rate before the classifier; `resolution` the
   crop size the attention-bias tables are laid out for (512 upstream);
   `depthwise` the depthwise-conv implementation ('auto' | 'shifts' | 'xla',
-  see `layers.resolve_depthwise`; the numbers agree to float rounding);
+  see `layers.resolve_depthwise`; the numbers agree to float rounding), 'auto'
+  resolved for `platform` (the target's, e.g. 'tpu'; None: this process's devices);
   `backbone_bn` how the backbone's BatchNorms train: 'frozen' (upstream: its
   EfficientFormer keeps them in eval mode, so they normalise with their running
   statistics, which never change, while their scale and bias learn) or 'batch'
@@ -163,7 +165,8 @@ def build_segmentor(
     raise errors.ConfigError(f'backbone_bn={backbone_bn!r} (config.model.backbone_bn); expected one of {BACKBONE_BN}')
   cfg = VARIANTS[variant]
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
-  layers.resolve_depthwise(depthwise)  # fail here on a bad name, not at the first trace
+  # 'auto' becomes the target's choice here (a bad name fails here, not at the first trace)
+  depthwise = layers.resolve_depthwise(depthwise, platform)
   backbone = efficientformer_v2.build_backbone(
     cfg['backbone'], rate, resolution, dtype, depthwise, frozen_bn=backbone_bn == 'frozen'
   )

@@ -193,7 +193,8 @@ def _torch_reference(name: str, num_classes: int):
   return reference.build_torch_csfcn(name, num_classes)
 
 
-def _build(num_classes: int, dtype: Dtype = jnp.float32, variant: str = 'csfcn', **overrides) -> CSFCN:
+def _build(num_classes: int, dtype: Dtype = jnp.float32, variant: str = 'csfcn', platform=None, **overrides) -> CSFCN:
+  del platform  # CSFCN's layers are the same on every backend
   return build(variant, num_classes, dtype=dtype, **overrides)
 
 

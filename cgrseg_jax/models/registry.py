@@ -147,17 +147,19 @@ def resolve(name_or_variant: str, family: Optional[str] = None) -> str:
   return matches[0]
 
 
-def build_model(name: str, num_classes: int, *, dtype=jnp.float32, **overrides) -> nn.Module:
+def build_model(name: str, num_classes: int, *, dtype=jnp.float32, platform=None, **overrides) -> nn.Module:
   """The model `name` (e.g. 'cgrseg_t') with `num_classes` outputs; `overrides`
-  go to the family's build function (e.g. drop_path_rate=0.1)."""
+  go to the family's build function (e.g. drop_path_rate=0.1). `platform`: the
+  platform it is compiled for ('cpu', 'gpu', 'tpu'; None: this process's devices),
+  for the families whose layers differ per backend (`build` takes `platform`)."""
   family = family_of(name)
-  return family.build(num_classes=num_classes, dtype=dtype, **{**family.variants[name], **overrides})
+  return family.build(num_classes=num_classes, dtype=dtype, platform=platform, **{**family.variants[name], **overrides})
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def build_from_config(config) -> nn.Module:
+def build_from_config(config, platform=None) -> nn.Module:
   """The model `config.model` names (`name`, `num_classes`, and the family's
   `build_options` that are set, e.g. `drop_path_rate`), computing in
   `config.precision`. A model field set for a family that has no such option is
@@ -179,7 +181,9 @@ def build_from_config(config) -> nn.Module:
   for key in family.build_options:
     if config.model.get(key) is not None:
       overrides[key] = config.model[key]
-  return build_model(config.model.name, config.model.num_classes, dtype=DTYPES[config.precision], **overrides)
+  return build_model(
+    config.model.name, config.model.num_classes, dtype=DTYPES[config.precision], platform=platform, **overrides
+  )
 
 
 def param_names(params: Any, name: str) -> Any:

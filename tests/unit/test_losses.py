@@ -16,6 +16,7 @@ from cgrseg_jax.data import class_stats, input_pipeline, sources
 from cgrseg_jax.models import resize
 from configs import custom_t, default
 from png_files import write_png
+from train_config import with_values
 
 torch = pytest.importorskip('torch')
 F = torch.nn.functional
@@ -269,13 +270,7 @@ def _config(**values):
   c = default.get_config('synthetic')
   c.data.synthetic.num_classes = K
   c.model.num_classes = K
-  for key, value in values.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return with_values(c, **values)
 
 
 def test_list_spec_is_the_weighted_sum_of_its_entries():
