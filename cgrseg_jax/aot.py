@@ -105,16 +105,17 @@ def _compile(lowered_fn: Callable[[], object], batch: int) -> Compiled:
   )
 
 
-def compile_train(config, mesh: Mesh, batch_per_device: int) -> Compiled:
-  """The run's train step (train.build_step) for `mesh` at a global batch of batch_per_device x devices."""
-  parts = train.build_step(config, mesh)
+def compile_train(config, mesh: Mesh, batch_per_device: int, parts=None) -> Compiled:
+  """The run's train step (train.build_step; `parts` if built already) for `mesh` at a
+  global batch of batch_per_device x devices."""
+  parts = parts or train.build_step(config, mesh)
   batch = train.abstract_train_batch(config, mesh, batch_per_device * mesh.size)
   return _compile(lambda: parts.step_fn.lower(parts.abstract_state, batch), batch_per_device)
 
 
-def compile_eval(config, mesh: Mesh, batch_per_device: int, hw) -> Compiled:
+def compile_eval(config, mesh: Mesh, batch_per_device: int, hw, parts=None) -> Compiled:
   """The bucketed evaluator's step for `mesh` on (h, w) images (padded bucket = label size)."""
-  parts = train.build_step(config, mesh)
+  parts = parts or train.build_step(config, mesh)
   info = input_pipeline.dataset_info(config)
   step = bucketed.cached_eval_step(parts.model, mesh, config.model.num_classes, info.ignore_index)
   batch = bucketed.abstract_batch(parts.data_sharding, batch_per_device * mesh.size, hw)
@@ -182,6 +183,8 @@ def run(
   per_chip = len(coords) // len(set(coords))  # v4 lists both TensorCores of a chip
   capacity = hbm.capacity_gib * 2**30 / per_chip if hbm else None
   eval_hw = tuple(eval_hw or config.data.crop_size)
+  parts = train.build_step(config, mesh)  # one model and step for every compile below
+  peak = cost.peak_gflops('tpu', kind, config.precision)
   report = dict(
     topology=topology,
     device_kind=kind,
@@ -190,7 +193,7 @@ def run(
     devices_per_chip=per_chip,
     hbm_per_device_bytes=capacity,
     hbm_source=hbm.source if hbm else None,
-    peak_tflops=cost.peak_gflops('tpu', kind, config.precision) / 1e3 if cost.peak_gflops('tpu', kind) else None,
+    peak_tflops=peak / 1e3 if peak else None,
     model=config.model.name,
     precision=config.precision,
     crop=list(config.data.crop_size),
@@ -199,9 +202,9 @@ def run(
   )
   for name in steps:
     if name == 'train':
-      compile_at = lambda b: compile_train(config, mesh, b)
+      compile_at = lambda b: compile_train(config, mesh, b, parts)
     elif name == 'eval':
-      compile_at = lambda b: compile_eval(config, mesh, b, eval_hw)
+      compile_at = lambda b: compile_eval(config, mesh, b, eval_hw, parts)
     else:
       raise AOTError(f'step {name!r}; expected train or eval')
     entry = {}
