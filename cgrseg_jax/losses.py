@@ -41,7 +41,7 @@ from cgrseg_jax import errors
 from cgrseg_jax.data import class_stats, input_pipeline
 from cgrseg_jax.data.datasets import IGNORE_INDEX
 from cgrseg_jax.models import resize
-from cgrseg_jax.models.layers import target_platform
+from cgrseg_jax.platforms import target_platform
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def segmentation_loss(
   bound by memory bandwidth). Same arithmetic per pixel, class weights
   included. Other shapes, and GPU/TPU (where a loop of small bands would only
   add launches), take the plain path. `platform`: the one the loss is compiled
-  for (layers.target_platform: None = this process's devices)."""
+  for (platforms.target_platform: None = this process's devices)."""
   plan = _band_plan(stride8_logits.shape, labels.shape) if target_platform(platform) == 'cpu' else None
   if plan is None:
     logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3])

@@ -36,6 +36,7 @@ from cgrseg_jax import (
   losses,
   metric_writer,
   optim,
+  platforms,
   preemption,
   profiling,
   storage,
@@ -61,14 +62,15 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss, ema_decay: float = 0.0):
+def train_step(state: TrainState, batch, *, model, tx, dtype, method: str, loss, ema_decay: float = 0.0, platform=None):
   """One batch: forward, backward and `tx` (an optimizer step, or one micro-batch of
   an `optax.MultiSteps` accumulation); returns (new state, scalar metrics).
   `method` is the model family's loss logits (`ModelFamily.loss_method`),
   `loss(logits, labels)` resizes them to the labels. With `ema_decay`, the EMA
-  moves towards the new weights when an optimizer step was applied."""
+  moves towards the new weights when an optimizer step was applied. `platform`:
+  the target, for the normalisation's form (`dp.normalize_image`)."""
   rng = jax.random.fold_in(state.rng, state.step)  # dropout / drop-path
-  x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype)
+  x = dp.normalize_image(batch['image'], batch['valid_hw'], dtype=dtype, platform=platform)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -118,7 +120,7 @@ def build_step(config, mesh: Mesh, workdir=None, platform: Optional[str] = None)
   `mesh`. Backend-specific layer and loss forms follow the mesh's platform (not
   the host's: an AOT compile for TPU from a CPU host gets the TPU forms), or
   `platform` when given (a `jax.export` lowering for another platform, e.g. 'gpu')."""
-  platform = platform or mesh.devices.flat[0].platform
+  platform = platform or platforms.mesh_platform(mesh)
   repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   model = registry.build_from_config(config, platform=platform)
   family = registry.family_of(config.model.name)
@@ -160,6 +162,7 @@ def build_step(config, mesh: Mesh, workdir=None, platform: Optional[str] = None)
       method=family.loss_method,
       loss=loss_fn,
       ema_decay=ema_decay,
+      platform=platform,
     ),
     in_shardings=(repl, data_sharding),
     out_shardings=(repl, repl),
@@ -238,8 +241,6 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
     parts.step_fn,
   )
   evaluator = evaluation.make_evaluator(config, model, mesh)
-  dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
-  init_vars = jax.jit(lambda k: model.init(k, dummy))(jax.random.PRNGKey(config.seed))
 
   # ---- checkpoint: resume from workdir (the newest step that restores), else config.init
   ckpts = checkpointing.RunCheckpoints(workdir / 'checkpoints', config.keep_checkpoints)
@@ -247,17 +248,16 @@ def _train(config, workdir, on_step, stop: preemption.Preemption) -> dict:
     state, latest = ckpts.restore_latest(abstract, train_it)
     if latest is not None:
       log.info('resumed from %s/checkpoints/%d', workdir, latest)
-    else:
-      host_vars = loader.initial_variables(
-        config.init, jax.device_get(init_vars), config.model.name, config.model.num_classes
-      )
+    else:  # a fresh run: random init (compiled only here, not on a resume), then config.init
+      dummy = jnp.zeros((1, 64, 64, 3), jnp.float32)
+      init_vars = jax.device_get(registry.init_variables(model, jax.random.PRNGKey(config.seed), dummy))
+      host_vars = loader.initial_variables(config.init, init_vars, config.model.name, config.model.num_classes)
       state = jax.jit(make_state, out_shardings=repl)(_replicate(host_vars, repl))
   except BaseException:
     # Stop orbax's background threads first: left running, they log errors at
     # interpreter exit, after the one-line message main.py prints.
     ckpts.close()
     raise
-  del init_vars
   # The loop counts batches; with accumulation, k of them make an optimizer step, and
   # logs, evaluations and scheduled checkpoints happen at optimizer steps.
   start = int(jax.device_get(state.step))

@@ -62,18 +62,24 @@ def load(directory: str):
 
 
 def check(directory: str, inputs: str | None, outputs: str | None) -> int:
-  """Reload and run a StableHLO export (meant for a fresh process); optional npy in/out."""
+  """Reload and run a StableHLO export (meant for a fresh process). `inputs`: comma-separated
+  .npy batches (several batch sizes through one batch-polymorphic file), `outputs` as many
+  .npy paths for their logits; without inputs, one random batch."""
   exported, meta = load(directory)
   h, w = meta['input_hw']
-  if inputs:
-    x = np.load(inputs)
-  else:
-    x = np.random.default_rng(0).standard_normal((meta['batch'] or 2, h, w, 3)).astype(np.float32)
-  t = time.perf_counter()
-  y = np.asarray(exported.call(x))
-  print(f'{directory}: ran the exported forward on {x.shape} -> {y.shape} in {time.perf_counter() - t:.2f}s')
-  if outputs:
-    np.save(outputs, y)
+  paths = inputs.split(',') if inputs else []
+  targets = outputs.split(',') if outputs else []
+  if targets and len(targets) != max(len(paths), 1):
+    raise SystemExit(f'--check-output: {len(targets)} path(s) for {max(len(paths), 1)} input batch(es)')
+  batches = [np.load(p) for p in paths] or [
+    np.random.default_rng(0).standard_normal((meta['batch'] or 2, h, w, 3)).astype(np.float32)
+  ]
+  for i, x in enumerate(batches):
+    t = time.perf_counter()
+    y = np.asarray(exported.call(x))
+    print(f'{directory}: ran the exported forward on {x.shape} -> {y.shape} in {time.perf_counter() - t:.2f}s')
+    if targets:
+      np.save(targets[i], y)
   return 0
 
 
@@ -136,8 +142,8 @@ def main(argv=None) -> int:
   p.add_argument('--rtol', type=float, default=1e-4, help='--verify: max |runtime - jax| / max |jax|')
   p.add_argument('--min-agreement', type=float, default=0.9999, help='--verify: argmax agreement at least')
   p.add_argument('--check', metavar='DIR', help='reload the StableHLO export in DIR in this process and run it')
-  p.add_argument('--check-input', help='with --check: .npy input batch')
-  p.add_argument('--check-output', help='with --check: write the logits here (.npy)')
+  p.add_argument('--check-input', help='with --check: .npy input batch(es), comma-separated')
+  p.add_argument('--check-output', help='with --check: write the logits here (.npy, one per input)')
   args = p.parse_args(argv)
 
   if args.check:

@@ -67,6 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from cgrseg_jax.platforms import target_platform
+
 from . import buckets, datasets
 from . import sources as sources_lib
 from . import transforms as T
@@ -428,10 +430,17 @@ def normalize_image(
   std: Sequence[float] = T.STD_RGB,
   bgr_to_rgb: bool = True,
   dtype=jnp.float32,
+  platform: str | None = None,
 ) -> jax.Array:
   """uint8 ``(B, H, W, 3)`` -> normalised RGB, bit-identical to mmcv
   ``imnormalize`` (``mean``/``std`` are RGB): a lookup in the 256-entry
   per-channel table of ``transforms.normalize_table``.
+
+  The lookup's form follows ``platform`` (``platforms.target_platform``): a
+  gather on the CPU; elsewhere a compare-and-select summed over the 256 values,
+  since a TPU gather of one element per pixel moves ~1e5 bytes per pixel
+  (``cost_analysis`` of the AOT step) while the sum stays in one fused loop.
+  Both are exact: the sum adds one table entry to zeros.
 
   With ``valid_hw`` ``(B, 2)``, pixels at rows >= h or columns >= w (the
   right/bottom padding) are exactly 0, as in mmseg where padding follows
@@ -441,9 +450,13 @@ def normalize_image(
     image = image[..., ::-1]
   table = T.normalize_table(mean, std)  # (256, C), built on the host at trace time
   channels = table.shape[1]
-  flat = jnp.asarray(table.T.reshape(-1))  # channel c, value v at c * 256 + v
-  index = image.astype(jnp.int32) + jnp.arange(channels, dtype=jnp.int32) * 256
-  x = jnp.take(flat, index)
+  if target_platform(platform) == 'cpu':
+    flat = jnp.asarray(table.T.reshape(-1))  # channel c, value v at c * 256 + v
+    index = image.astype(jnp.int32) + jnp.arange(channels, dtype=jnp.int32) * 256
+    x = jnp.take(flat, index)
+  else:
+    hit = image.astype(jnp.int32)[..., None] == jnp.arange(256, dtype=jnp.int32)
+    x = jnp.sum(jnp.where(hit, jnp.asarray(table.T), 0.0), axis=-1)
   if valid_hw is not None:
     h, w = x.shape[-3], x.shape[-2]
     vh = valid_hw[..., 0][..., None, None]

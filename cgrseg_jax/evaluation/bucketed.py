@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cgrseg_jax import testtime
+from cgrseg_jax import platforms, testtime
 from cgrseg_jax.data import input_pipeline
 from cgrseg_jax.data import pipeline as dp
 from cgrseg_jax.evaluation import metric, segmenter
@@ -129,7 +129,8 @@ def evaluate(
 
 @functools.lru_cache(maxsize=4)
 def cached_eval_step(model, mesh, num_classes: int, ignore_index: int):
-  normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype)
+  platform = platforms.mesh_platform(mesh)
+  normalize = lambda img, hw: dp.normalize_image(img, hw, dtype=model.dtype, platform=platform)
   return make_eval_step(model, mesh, num_classes, ignore_index, normalize)
 
 

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cgrseg_jax.platforms import target_platform
+
 Dtype = Any
 
 
@@ -44,19 +46,12 @@ trunc_normal_02 = nn.initializers.truncated_normal(0.02)
 DEPTHWISE_IMPLS = ('auto', 'shifts', 'xla')
 
 
-def target_platform(platform: Optional[str]) -> str:
-  """The platform a computation is built for: `platform` when given (the mesh's
-  devices, e.g. 'tpu' for an AOT compile from a CPU host), else this process's
-  devices, where it will then run."""
-  return platform if platform is not None else jax.devices()[0].platform
-
-
 def resolve_depthwise(impl: str, platform: Optional[str] = None) -> str:
   """'auto' -> 'shifts' for CPU, where XLA lowers a grouped convolution to a slow
   generic loop (forward and both gradients); 'xla' for GPU/TPU, where cuDNN and
   the TPU convolution emitter have native depthwise kernels and a chain of 9-121
   elementwise slices would only add memory traffic. `platform`: the target
-  (`target_platform`); model builders resolve 'auto' with it, so layers see the choice."""
+  (`platforms.target_platform`); model builders resolve 'auto' with it, so layers see the choice."""
   if impl not in DEPTHWISE_IMPLS:
     raise ValueError(f'depthwise={impl!r}; expected one of {DEPTHWISE_IMPLS}')
   if impl == 'auto':

@@ -8,6 +8,7 @@ import torch
 
 from cgrseg_jax import loader, train
 from cgrseg_jax.models import build_model
+from cgrseg_jax.models.registry import init_variables
 from cgrseg_jax.torch_reference import csfcn as ref
 from configs import cityscapes_csfcn, synthetic_csfcn
 
@@ -80,7 +81,10 @@ def test_train_two_steps_with_sgd_ohem_and_upstream_frozen_conv1d(tmp_path):
   result = train.train_and_evaluate(c, str(tmp_path))
   assert result['step'] == 2 and result['status'] == 'done'
   params = jax.device_get(result['state'].params)
-  fresh = jax.jit(build_model('csfcn_tiny', 5).init)(jax.random.PRNGKey(c.seed), jnp.zeros((1, 64, 64, 3)))['params']
+  # the run's own initialisation (registry.init_variables, as train.py calls it)
+  fresh = init_variables(
+    build_model('csfcn_tiny', 5), jax.random.PRNGKey(c.seed), jnp.zeros((1, 64, 64, 3), jnp.float32)
+  )['params']
   # upstream's optimizer never sees the Conv1d weights; their biases and the rest train
   np.testing.assert_array_equal(params['cfc']['key_conv']['kernel'], fresh['cfc']['key_conv']['kernel'])
   np.testing.assert_array_equal(params['cfc']['value_conv']['kernel'], fresh['cfc']['value_conv']['kernel'])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from cgrseg_jax.torch_reference import cgrseg as ref
 from cgrseg_jax import loader
 from cgrseg_jax.inference import InferenceError, Segmenter, confidence_maps
+from toy_family import ToySeg
 
 K = 19
 SCALE = (192, 96)  # small stand-in for (2048, 512): images stay tiny
@@ -53,6 +54,15 @@ def checkpoint(torch_model, tmp_path_factory):
 @pytest.fixture(scope='module')
 def segmenter(checkpoint):
   return Segmenter.from_checkpoint(checkpoint, dataset='cityscapes', img_scale=SCALE)
+
+
+@pytest.fixture(scope='module')
+def toy_segmenter():
+  """The Segmenter over the toy family's network: for the batching and compile counting,
+  which are the Segmenter's own (each CGRSeg bucket would add seconds of compiles)."""
+  model = ToySeg(K)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+  return Segmenter(model, variables, dataset='cityscapes', img_scale=SCALE)
 
 
 # ------------------------------------------------------ reference pipeline
@@ -141,7 +151,8 @@ def test_whole_predict_matches_reference_pipeline(segmenter, torch_model):
   assert agree / total >= 0.999
 
 
-def test_predict_batch_equals_predict(segmenter):
+def test_predict_batch_equals_predict(toy_segmenter):
+  segmenter = toy_segmenter
   imgs = [_image(hw, seed=10 + i) for i, hw in enumerate(SIZES[:3])]
   one_by_one = [segmenter.predict(im) for im in imgs]
   batched = segmenter.predict_batch(imgs, batch_size=2)
@@ -190,11 +201,16 @@ def test_tta_matches_reference(segmenter, torch_model):
   assert _agreement(got, want) >= 0.999
 
 
-def test_one_compile_per_bucket(segmenter):
+def test_one_compile_per_bucket(toy_segmenter):
   """50 images of 5 sizes: the model compiles once per input bucket, the
   post-processing once per (bucket, output canvas); repeats compile nothing."""
   seg = Segmenter(
-    segmenter.model, segmenter.variables, dataset='cityscapes', img_scale=(128, 64), canvas_multiple=128, batch_size=4
+    toy_segmenter.model,
+    toy_segmenter.variables,
+    dataset='cityscapes',
+    img_scale=(128, 64),
+    canvas_multiple=128,
+    batch_size=4,
   )
   sizes = [(64, 80), (60, 75), (100, 125), (64, 128), (96, 200)]
   # Expected buckets, computed by hand from mmseg's keep-ratio rule:

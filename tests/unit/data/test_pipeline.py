@@ -1,6 +1,7 @@
 """Train / eval pipelines: determinism, resume, sharding, buckets, global
 batches and on-device normalisation."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -351,15 +352,19 @@ def test_normalize_image_matches_mmseg_and_zeroes_padding():
   assert dp.normalize_image(jnp.asarray(image), dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
-def test_normalize_image_is_bit_exact_with_mmcv_on_all_values():
+# 'tpu': the accelerator form (compare-and-select summed), here computed by the CPU's IEEE
+# float32 arithmetic, which a TPU or GPU also uses for these adds of zeros.
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_normalize_image_is_bit_exact_with_mmcv_on_all_values(platform):
   # channel c of pixel k holds (k + 85 c) % 256: every uint8 value in every channel
   k = np.arange(256).reshape(16, 16, 1)
   image = ((k + 85 * np.arange(3)) % 256).astype(np.uint8)
   ref = mmcv_ops.normalize_transform(image)  # mmseg's Normalize, as its pipeline calls it
-  out = np.asarray(jax.jit(dp.normalize_image)(image[None], np.array([[16, 16]], np.int32)))[0]
+  normalize = functools.partial(dp.normalize_image, platform=platform)
+  out = np.asarray(jax.jit(normalize)(image[None], np.array([[16, 16]], np.int32)))[0]
   np.testing.assert_array_equal(out, ref)
   # Padding stays exactly 0, the inside is unchanged.
-  padded = np.asarray(dp.normalize_image(image[None], np.array([[9, 5]], np.int32)))[0]
+  padded = np.asarray(normalize(image[None], np.array([[9, 5]], np.int32)))[0]
   np.testing.assert_array_equal(padded[:9, :5], ref[:9, :5])
   assert not padded[9:].any() and not padded[:, 5:].any()
   assert np.signbit(padded[9:]).sum() == 0  # +0.0, as mmseg's zero padding

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cgrseg_jax import errors, evaluation
+from cgrseg_jax import convert, errors, evaluation
 from cgrseg_jax.evaluation import segmenter as segmenter_eval
 from cgrseg_jax.inference import Segmenter
 from cgrseg_jax.models import build_model
+from cgrseg_jax.torch_reference import cgrseg as ref
 from train_config import tiny_config
 
 K = 5
@@ -19,8 +20,10 @@ K = 5
 @pytest.fixture(scope='module')
 def segmenter():
   model = build_model('cgrseg_tiny', K)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-  return Segmenter(model, variables, dataset='synthetic', img_scale=(96, 64))
+  # Random weights converted from the reference: no init program to compile.
+  state = ref.randomize_(ref.build_torch_segmentor('tiny', K), seed=0).state_dict()
+  variables, _ = convert.state_dict_to_variables(state, 'tiny', K)
+  return Segmenter(model, jax.tree_util.tree_map(jnp.asarray, variables), dataset='synthetic', img_scale=(96, 64))
 
 
 def test_metrics_match_an_iou_computed_from_the_predictions(segmenter):

@@ -100,49 +100,22 @@ def test_backbone_bn_is_checked():
     build_segmentor('tiny', 5, backbone_bn='sync')
 
 
-# Compiling once is a property of the jitted functions, not of the model size:
-# the S0 structure is enough (larger ones only add minutes of compiles; their
-# forward is compared with the reference in the tests above).
-@pytest.mark.parametrize('variant', ['tiny'])
-def test_jit_eval_and_grad_compile_once(variant):
-  model = build_segmentor(variant, num_classes=7, drop_path_rate=0.1)
+# Compiling once is a property of the jitted function, not of the model size: the S0
+# structure is enough. The weights come from the reference (no init to compile). The
+# gradient of every parameter, against PyTorch's, is test_optim's one-step parity.
+def test_jit_forward_compiles_once():
+  _, variables = _reference('tiny', seed=2, num_classes=7)
+  model = build_segmentor('tiny', num_classes=7)
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 64, 96, 3)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-  # Upstream zero-initialises the last conv of the DPG gate MLP, which blocks the
-  # gradient to everything feeding only that gate at init; perturb it so the
-  # check below sees every parameter.
-  gate = variables['params']['decode_head']['lgc']['channel_mul_conv']['3']
-  gate['kernel'] = 0.01 * jax.random.normal(jax.random.PRNGKey(1), gate['kernel'].shape)
 
   @jax.jit
   def forward(variables, x):
     return model.apply(variables, x, train=False)
 
-  @jax.jit
-  def grad(variables, x, rng):
-    def loss(params):
-      logits, upd = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        x,
-        train=True,
-        mutable=['batch_stats'],
-        rngs={'dropout': rng},
-      )
-      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), upd
-
-    return jax.grad(loss, has_aux=True)(variables['params'])
-
   for i in range(2):  # a second call at the same shapes must not retrace
     out = forward(variables, x + i)
-    g, upd = grad(variables, x + i, jax.random.PRNGKey(i))
-  assert out.shape == (2, 64, 96, 7)
-  assert forward._cache_size() == 1 and grad._cache_size() == 1
-  leaves = jax.tree_util.tree_leaves(g)
-  assert all(np.all(np.isfinite(l)) for l in leaves)
-  # every parameter takes part in the loss (attention biases included)
-  flat = key_layout.flatten({'params': g})
-  zero = [family_of('cgrseg_t').key_layout.torch_key(c, p) for (c, p), v in flat.items() if not np.any(np.asarray(v))]
-  assert zero == [], zero
+  assert out.shape == (2, 64, 96, 7) and np.all(np.isfinite(np.asarray(out)))
+  assert forward._cache_size() == 1
 
 
 def test_bfloat16_compute_tracks_float32():
