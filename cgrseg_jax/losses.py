@@ -103,7 +103,7 @@ def segmentation_loss(
   for (platforms.target_platform: None = this process's devices)."""
   plan = _band_plan(stride8_logits.shape, labels.shape) if target_platform(platform) == 'cpu' else None
   if plan is None:
-    logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3])
+    logits = resize.resize_bilinear(stride8_logits, labels.shape[1:3], impl=resize.resolve_resize('auto', platform))
     return cross_entropy(logits, labels, ignore_index, class_weight, avg_non_ignore)
   weight = None if class_weight is None else jnp.asarray(class_weight, jnp.float32)
   valid = labels != ignore_index
@@ -444,9 +444,11 @@ def lovasz_softmax_loss(
   return flat(probs.reshape(-1, k), labels.reshape(-1), valid.reshape(-1))
 
 
-def _to_labels(logits, labels):
+def _to_labels(logits, labels, platform=None):
   # Logits at another stride are resized as mmseg does (bilinear, align_corners False).
-  return logits if logits.shape[1:3] == labels.shape[1:3] else resize.resize_bilinear(logits, labels.shape[1:3])
+  if logits.shape[1:3] == labels.shape[1:3]:
+    return logits
+  return resize.resize_bilinear(logits, labels.shape[1:3], impl=resize.resolve_resize('auto', platform))
 
 
 # ------------------------------------------------------------------ config.loss -> loss
@@ -676,10 +678,14 @@ def build_loss(spec, config, ignore_index: int, workdir=None, platform=None):
   log.info('training loss: %s', ' + '.join(f'{w:g} * {t.describe}' for w, t in terms))
   if len(terms) == 1 and terms[0][0] == 1.0:
     weight, term = terms[0]
-    return term.fn if not term.at_label_size else lambda logits, labels: term.fn(_to_labels(logits, labels), labels)
+    return (
+      term.fn
+      if not term.at_label_size
+      else lambda logits, labels: term.fn(_to_labels(logits, labels, platform), labels)
+    )
 
   def loss(logits, labels):
-    resized = _to_labels(logits, labels) if any(t.at_label_size for _, t in terms) else None  # once for all
+    resized = _to_labels(logits, labels, platform) if any(t.at_label_size for _, t in terms) else None  # once for all
     values = [t.fn(resized if t.at_label_size else logits, labels) for _, t in terms]
     return sum(w * v for (w, _), v in zip(terms, values))
 

@@ -51,13 +51,14 @@ class FuseBlock(nn.Module):
 
   channels: int
   dtype: Dtype = jnp.float32
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   @nn.compact
   def __call__(self, local, global_, train: bool):
     names = ('conv', 'bn')
     x = ConvBN(self.channels, bias=False, names=names, dtype=self.dtype, name='fuse1')(local, train)
     g = ConvBN(self.channels, bias=False, names=names, dtype=self.dtype, name='fuse2')(global_, train)
-    return x * resize.resize_bilinear(hard_sigmoid(g), x.shape[1:3])
+    return x * resize.resize_bilinear(hard_sigmoid(g), x.shape[1:3], impl=self.resize_impl)
 
 
 class CGRSegHead(nn.Module):
@@ -71,6 +72,7 @@ class CGRSegHead(nn.Module):
   dropout_ratio: float = 0.1
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   @nn.compact
   def __call__(self, feats, train: bool = False):
@@ -90,10 +92,12 @@ class CGRSegHead(nn.Module):
     for i in reversed(range(len(self.in_channels))):
       local = feats[i]
       if x is not None:
-        up = resize.resize_bilinear(x, local.shape[1:3])
+        up = resize.resize_bilinear(x, local.shape[1:3], impl=self.resize_impl)
         local = local + conv(self.in_channels[i], 1, dtype=self.dtype, name=f'conv_{i}')(up)
       local = RCM(self.band_kernel, dtype=self.dtype, depthwise=self.depthwise, name=f'meta_{i}')(local, train)
-      x = FuseBlock(self.channels, dtype=self.dtype, name=f'SIM_{i}')(local, global_parts[i], train)
+      x = FuseBlock(self.channels, dtype=self.dtype, resize_impl=self.resize_impl, name=f'SIM_{i}')(
+        local, global_parts[i], train
+      )
 
     dropout = dropout2d(self.dropout_ratio)
     conv_seg = conv(self.num_classes, 1, dtype=self.dtype, kernel_init=nn.initializers.normal(0.01), name='conv_seg')
@@ -123,6 +127,7 @@ class CGRSegModel(nn.Module):
   backbone: nn.Module
   decode_head: nn.Module
   dtype: Dtype = jnp.float32
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   def extract_features(self, x, train: bool = False):
     """The four backbone maps (strides 4, 8, 16, 32)."""
@@ -134,7 +139,7 @@ class CGRSegModel(nn.Module):
     return self.decode_head(feats[1:], train).astype(jnp.float32)
 
   def __call__(self, x, train: bool = False):
-    return resize.resize_bilinear(self.decode(x, train), x.shape[1:3])
+    return resize.resize_bilinear(self.decode(x, train), x.shape[1:3], impl=self.resize_impl)
 
 
 def build_segmentor(
@@ -154,7 +159,8 @@ def build_segmentor(
   crop size the attention-bias tables are laid out for (512 upstream);
   `depthwise` the depthwise-conv implementation ('auto' | 'shifts' | 'xla',
   see `layers.resolve_depthwise`; the numbers agree to float rounding), 'auto'
-  resolved for `platform` (the target's, e.g. 'tpu'; None: this process's devices);
+  resolved for `platform` (the target's, e.g. 'tpu'; None: this process's devices),
+  as is the resampling form (`resize.resolve_resize`);
   `backbone_bn` how the backbone's BatchNorms train: 'frozen' (upstream: its
   EfficientFormer keeps them in eval mode, so they normalise with their running
   statistics, which never change, while their scale and bias learn) or 'batch'
@@ -167,8 +173,9 @@ def build_segmentor(
   rate = cfg['drop_path_rate'] if drop_path_rate is None else drop_path_rate
   # 'auto' becomes the target's choice here (a bad name fails here, not at the first trace)
   depthwise = layers.resolve_depthwise(depthwise, platform)
+  resize_impl = resize.resolve_resize('auto', platform)
   backbone = efficientformer_v2.build_backbone(
-    cfg['backbone'], rate, resolution, dtype, depthwise, frozen_bn=backbone_bn == 'frozen'
+    cfg['backbone'], rate, resolution, dtype, depthwise, frozen_bn=backbone_bn == 'frozen', resize_impl=resize_impl
   )
   head = CGRSegHead(
     tuple(backbone.widths[1:]),
@@ -179,8 +186,9 @@ def build_segmentor(
     dropout_ratio=dropout_ratio,
     dtype=dtype,
     depthwise=depthwise,
+    resize_impl=resize_impl,
   )
-  return CGRSegModel(backbone, head, dtype=dtype)
+  return CGRSegModel(backbone, head, dtype=dtype, resize_impl=resize_impl)
 
 
 # --------------------------------------------------------------- the family

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cgrseg_jax import errors
-from cgrseg_jax.models import key_layout, registry
+from cgrseg_jax.models import key_layout, registry, resize
 from cgrseg_jax.models.cfc import ContextBlock, conv_bn_relu
 from cgrseg_jax.models.layers import conv
 from cgrseg_jax.models.resnet import DEPTHS, ResNet
@@ -57,6 +57,7 @@ class OutputHead(nn.Module):
   channels: int = 128
   up: int = UPSAMPLE
   dtype: Dtype = jnp.float32
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -65,7 +66,7 @@ class OutputHead(nn.Module):
       x = conv(self.num_classes * self.up * self.up, 1, dtype=self.dtype, name='conv_out')(x)
       return pixel_shuffle(x, self.up)
     x = conv(self.num_classes, 1, dtype=self.dtype, name='conv_out')(x)
-    return resize_bilinear_align_corners(x, (x.shape[1] * self.up, x.shape[2] * self.up))
+    return resize_bilinear_align_corners(x, (x.shape[1] * self.up, x.shape[2] * self.up), self.resize_impl)
 
 
 class CSFCN(nn.Module):
@@ -75,15 +76,16 @@ class CSFCN(nn.Module):
   local_channels: int = 64
   head: str = 'pixel_shuffle'
   dtype: Dtype = jnp.float32
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   def setup(self):
     d = self.dtype
     self.resnet = ResNet(DEPTHS[self.backbone], dtype=d)
     self.cfc = ContextBlock(local_channels=self.local_channels, dtype=d)
-    self.sfc = SpatialBlock(proj_channels=self.sfc_proj_channels, dtype=d)
+    self.sfc = SpatialBlock(proj_channels=self.sfc_proj_channels, dtype=d, resize_impl=self.resize_impl)
     if self.head not in ('pixel_shuffle', 'bilinear'):
       raise ValueError(f"CSFCN head={self.head!r}; expected 'pixel_shuffle' or 'bilinear'")
-    self.conv_out32 = OutputHead(self.num_classes, self.head, dtype=d)
+    self.conv_out32 = OutputHead(self.num_classes, self.head, dtype=d, resize_impl=self.resize_impl)
 
   def extract_features(self, x, train: bool = False):
     """The backbone's layer2 / layer3 / layer4 maps (strides 8, 16, 32)."""
@@ -105,10 +107,10 @@ class CSFCN(nn.Module):
     return self.conv_out32(f, train)[:, : x.shape[1], : x.shape[2]].astype(jnp.float32)
 
 
-def build(name: str, num_classes: int, dtype: Dtype = jnp.float32, **overrides) -> CSFCN:
+def build(name: str, num_classes: int, dtype: Dtype = jnp.float32, resize_impl: str = 'auto', **overrides) -> CSFCN:
   """`csfcn` or `csfcn_tiny` with `num_classes` outputs; `dtype` is the compute
-  dtype (parameters and BN statistics stay float32); `overrides` replace fields
-  of the `VARIANTS` entry."""
+  dtype (parameters and BN statistics stay float32); `resize_impl` the resampling
+  form (`resize.resolve_resize`); `overrides` replace fields of the `VARIANTS` entry."""
   if name not in VARIANTS:
     raise errors.ConfigError(f'unknown CSFCN model {name!r}; expected one of {sorted(VARIANTS)}')
   cfg = dict(VARIANTS[name])
@@ -116,7 +118,7 @@ def build(name: str, num_classes: int, dtype: Dtype = jnp.float32, **overrides) 
   if unknown:
     raise errors.ConfigError(f'{name}: unknown override(s) {sorted(unknown)}; expected some of {sorted(cfg)}')
   cfg.update(overrides)
-  return CSFCN(num_classes=num_classes, dtype=dtype, **cfg)
+  return CSFCN(num_classes=num_classes, dtype=dtype, resize_impl=resize.resolve_resize(resize_impl), **cfg)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -194,8 +196,8 @@ def _torch_reference(name: str, num_classes: int):
 
 
 def _build(num_classes: int, dtype: Dtype = jnp.float32, variant: str = 'csfcn', platform=None, **overrides) -> CSFCN:
-  del platform  # CSFCN's layers are the same on every backend
-  return build(variant, num_classes, dtype=dtype, **overrides)
+  # the resampling form follows the target (resize.resolve_resize); the rest is the same on every backend
+  return build(variant, num_classes, dtype=dtype, resize_impl=resize.resolve_resize('auto', platform), **overrides)
 
 
 FAMILY = registry.register(

@@ -82,12 +82,14 @@ def attention_bias_index(resolution: int, downsample: bool = False) -> tuple[np.
   return idx, len(uniq)
 
 
-def _attention_bias(module: nn.Module, num_heads: int, resolution: int, downsample: bool, n_query: int, n_key: int):
+def _attention_bias(
+  module: nn.Module, num_heads: int, resolution: int, downsample: bool, n_query: int, n_key: int, impl: str = 'auto'
+):
   """Gather the learned per-offset biases into a (heads, Nq, Nk) map for the
   reference resolution, then resize it bicubically to the runtime token counts."""
   idx, n_offsets = attention_bias_index(resolution, downsample)
   table = module.param('attention_biases_seg', nn.initializers.zeros, (num_heads, n_offsets), jnp.float32)
-  return resize.resize_bicubic(table[:, idx], (n_query, n_key))
+  return resize.resize_bicubic(table[:, idx], (n_query, n_key), impl=impl)
 
 
 @jax.custom_vjp
@@ -142,6 +144,7 @@ class Attention4D(nn.Module):
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -179,13 +182,14 @@ class Attention4D(nn.Module):
     v = v_map.reshape(b, n, nh, d)
 
     attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
-    attn = add_to_every_sample(attn, _attention_bias(self, nh, resolution, False, n, n).astype(attn.dtype))
+    bias = _attention_bias(self, nh, resolution, False, n, n, self.resize_impl)
+    attn = add_to_every_sample(attn, bias.astype(attn.dtype))
     attn = HeadMix(nh, name='talking_head1')(attn)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
     attn = HeadMix(nh, name='talking_head2')(attn)
     out = jnp.einsum('bhnm,bmhc->bnhc', attn, v).reshape(b, h, w, nh * d) + v_local
     if self.stride is not None:
-      out = resize.resize_bilinear(out, (h * self.stride, w * self.stride))
+      out = resize.resize_bilinear(out, (h * self.stride, w * self.stride), impl=self.resize_impl)
     return ConvBN(self.dim, names=('1', '2'), dtype=self.dtype, frozen_bn=self.frozen_bn, name='proj')(gelu(out), train)
 
 
@@ -227,6 +231,7 @@ class Attention4DDownsample(nn.Module):
   attn_ratio: int = 4
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -253,7 +258,7 @@ class Attention4DDownsample(nn.Module):
 
     attn = jnp.einsum('bnhc,bmhc->bhnm', q, k) * (kd**-0.5)
     attn = add_to_every_sample(
-      attn, _attention_bias(self, nh, self.resolution, True, hq * wq, h * w).astype(attn.dtype)
+      attn, _attention_bias(self, nh, self.resolution, True, hq * wq, h * w, self.resize_impl).astype(attn.dtype)
     )
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhnm,bmhc->bnhc', attn, v).reshape(b, hq, wq, nh * d) + v_local
@@ -292,6 +297,7 @@ class Block(nn.Module):
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -307,6 +313,7 @@ class Block(nn.Module):
         dtype=self.dtype,
         frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
+        resize_impl=self.resize_impl,
         name='token_mixer',
       )(x, train)
       x = x + drop(ls1.astype(y.dtype) * y, train)
@@ -331,6 +338,7 @@ class Embedding(nn.Module):
   resolution: int = 7
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -348,6 +356,7 @@ class Embedding(nn.Module):
         dtype=self.dtype,
         frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
+        resize_impl=self.resize_impl,
         name='attn',
       )(x, train)
       + y
@@ -365,6 +374,7 @@ class Stage(nn.Module):
   drop_paths: Sequence[float]
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -381,6 +391,7 @@ class Stage(nn.Module):
         dtype=self.dtype,
         frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
+        resize_impl=self.resize_impl,
         name=str(j),
       )(x, train)
     return x
@@ -423,6 +434,7 @@ class EfficientFormerV2(nn.Module):
   resolution: int = 512
   dtype: Dtype = jnp.float32
   depthwise: str = 'auto'  # depthwise-conv implementation, see layers.resolve_depthwise
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
   frozen_bn: bool = False  # BNs as upstream's backbone trains them (layers.BatchNorm.frozen)
 
   @nn.compact
@@ -443,6 +455,7 @@ class EfficientFormerV2(nn.Module):
         dtype=self.dtype,
         frozen_bn=self.frozen_bn,
         depthwise=self.depthwise,
+        resize_impl=self.resize_impl,
         name=f'network_{2 * i}',
       )(x, train)
       outs.append(x)
@@ -454,6 +467,7 @@ class EfficientFormerV2(nn.Module):
           dtype=self.dtype,
           frozen_bn=self.frozen_bn,
           depthwise=self.depthwise,
+          resize_impl=self.resize_impl,
           name=f'network_{2 * i + 1}',
         )(x, train)
     return outs
@@ -466,6 +480,7 @@ def build_backbone(
   dtype: Dtype = jnp.float32,
   depthwise: str = 'auto',
   frozen_bn: bool = False,
+  resize_impl: str = 'auto',
 ) -> EfficientFormerV2:
   """The EfficientFormerV2 of size `name`; `frozen_bn`: its BNs normalise with
   their running statistics in training too and never update them (upstream's
@@ -481,6 +496,7 @@ def build_backbone(
     dtype=dtype,
     depthwise=depthwise,
     frozen_bn=frozen_bn,
+    resize_impl=resize_impl,
   )
 
 

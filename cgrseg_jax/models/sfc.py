@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from cgrseg_jax.models import resize
 from cgrseg_jax.models.cfc import ConvBNReLUConv, conv_bn_relu
 from cgrseg_jax.models.layers import conv
 
@@ -50,10 +51,21 @@ def _align_corners_taps(in_size: int, out_size: int):
   return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
 
 
-def resize_bilinear_align_corners(x, size: Sequence[int]):
-  """`F.interpolate(x, size, mode='bilinear', align_corners=True)` on NHWC."""
+@functools.lru_cache(maxsize=None)
+def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  i0, i1, w0, w1 = _align_corners_taps(in_size, out_size)
+  return resize.taps_to_matrix(np.stack([i0, i1], -1), np.stack([w0, w1], -1), in_size)
+
+
+def resize_bilinear_align_corners(x, size: Sequence[int], impl: str = 'auto'):
+  """`F.interpolate(x, size, mode='bilinear', align_corners=True)` on NHWC; `impl`
+  as `resize.resolve_resize` (gathers, or products with the interpolation matrix)."""
+  impl = resize.resolve_resize(impl)
   for axis, out in zip((1, 2), size):
     if x.shape[axis] == out:
+      continue
+    if impl == 'matmul':
+      x = resize.apply_matrix(x, axis, _align_corners_matrix(x.shape[axis], int(out)))
       continue
     i0, i1, w0, w1 = _align_corners_taps(x.shape[axis], int(out))
     shape = [1] * x.ndim
@@ -119,13 +131,14 @@ class SpatialBlock(nn.Module):
   offset_channels: int = 64
   groups: int = 2
   dtype: Dtype = jnp.float32
+  resize_impl: str = 'auto'  # resampling implementation, see resize.resolve_resize
 
   @nn.compact
   def __call__(self, cp, sp, train: bool = False, return_offsets: bool = False):
     d, c = self.dtype, self.channels
     h, w = cp.shape[1:3]
     sp = conv_bn_relu(c, 3, d, 'conv_32')(sp, train)
-    sp = resize_bilinear_align_corners(sp, (h, w))
+    sp = resize_bilinear_align_corners(sp, (h, w), self.resize_impl)
     cp = conv_bn_relu(c, 3, d, 'conv_8')(cp, train)
     if self.proj_channels is None:
       both = jnp.concatenate([cp, sp], axis=-1)

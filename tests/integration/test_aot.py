@@ -127,7 +127,7 @@ def test_train_and_eval_steps_lower_for_cuda_without_a_gpu():
   config = tiny_config()
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   parts = train.build_step(config, mesh, platform='gpu')
-  assert parts.platform == 'gpu' and parts.model.backbone.depthwise == 'xla'
+  assert parts.platform == 'gpu' and parts.model.backbone.depthwise == 'xla' and parts.model.resize_impl == 'matmul'
   batch = train.abstract_train_batch(config, mesh, 2)
   exported = jax.export.export(parts.step_fn, platforms=('cuda',))(parts.abstract_state, batch)
   text = exported.mlir_module()

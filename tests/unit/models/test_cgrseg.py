@@ -65,6 +65,21 @@ def test_eval_forward_matches_reference(variant, hw):
   assert np.mean(np.asarray(logits).argmax(-1) == want.argmax(-1)) >= 0.999
 
 
+def test_accelerator_forms_match_the_reference():
+  """The model built for TPU / GPU (grouped convolutions, resampling by products with
+  the interpolation matrices), run here on the CPU, against PyTorch; at 96x128 the
+  attention biases are resized too."""
+  torch_mod, variables = _reference('tiny', seed=4, num_classes=7)
+  torch_mod.eval()
+  model = build_segmentor('tiny', 7, platform='tpu')
+  assert model.resize_impl == model.backbone.resize_impl == 'matmul' and model.backbone.depthwise == 'xla'
+  x = np.random.default_rng(5).standard_normal((1, 96, 128, 3)).astype(np.float32)
+  with torch.no_grad():
+    head = torch_mod.decode(torch_mod.extract_features(nchw(x)))
+    want = nhwc(torch.nn.functional.interpolate(head, size=(96, 128), mode='bilinear', align_corners=False))
+  assert_close(jax.jit(model.apply)(variables, x), want, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
   'variant,hw,backbone_bn', [('tiny', (128, 160), 'frozen'), ('tiny', (128, 160), 'batch'), ('t', (256, 256), 'frozen')]
 )

@@ -86,17 +86,18 @@ _stages = jax.jit(lambda model, v, x: model.apply(v, x, method='stages'), static
 
 
 @pytest.mark.parametrize(
-  'name,k,hw',
+  'name,k,hw,resize_impl',
   [
-    ('csfcn', 19, (64, 128)),  # multiple of 32
-    ('csfcn', 19, (368, 480)),  # 368 = 11.5 x 32: odd stride-32 map, overlapping pyramid bins
-    ('csfcn_tiny', 11, (184, 240)),  # 184 = 5.75 x 32
-    ('csfcn_tiny', 11, (64, 128)),
-    ('csfcn', 11, (90, 124)),  # not a multiple of 8: logits cropped to the input
-    ('csfcn_tiny', 19, (97, 131)),  # odd sides
+    ('csfcn', 19, (64, 128), 'taps'),  # multiple of 32
+    ('csfcn', 19, (368, 480), 'taps'),  # 368 = 11.5 x 32: odd stride-32 map, overlapping pyramid bins
+    ('csfcn_tiny', 11, (184, 240), 'taps'),  # 184 = 5.75 x 32
+    ('csfcn_tiny', 11, (64, 128), 'taps'),
+    ('csfcn_tiny', 11, (64, 128), 'matmul'),  # the TPU / GPU resampling (resize.resolve_resize)
+    ('csfcn', 11, (90, 124), 'taps'),  # not a multiple of 8: logits cropped to the input
+    ('csfcn_tiny', 19, (97, 131), 'taps'),  # odd sides
   ],
 )
-def test_eval_forward_matches_reference(name, k, hw):
+def test_eval_forward_matches_reference(name, k, hw, resize_impl):
   """Every stage against the PyTorch reference run in float64, next to PyTorch's
   own float32 run. XLA CPU's 3x3 convolution rounds more than oneDNN's (1.7x the
   rms error on one layer; the backbone stages come out 1.5x PyTorch's), and with
@@ -111,7 +112,7 @@ def test_eval_forward_matches_reference(name, k, hw):
   with torch.no_grad():
     f32 = {key: nhwc(v) for key, v in torch_mod.forward_stages(nchw(x)).items()}
     f64 = {key: nhwc(v) for key, v in torch_mod.double().forward_stages(nchw(x).double()).items()}
-  got = _stages(csfcn.build(name, k), variables, x)
+  got = _stages(csfcn.build(name, k, resize_impl=resize_impl), variables, x)
   for want in (f32, f64):
     want['logits'] = want['logits'][:, : hw[0], : hw[1]]
   assert got['logits'].shape == (1, *hw, k) and got['logits'].dtype == jnp.float32

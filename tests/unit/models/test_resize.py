@@ -20,17 +20,32 @@ SIZES = [
 ]
 
 
+# 'taps' (the CPU form) and 'matmul' (TPU and GPU), both run here on the CPU.
+IMPLS = ('taps', 'matmul')
+
+
+def test_auto_follows_the_target_platform():
+  assert resize.resolve_resize('auto', 'cpu') == 'taps'
+  assert resize.resolve_resize('auto', 'tpu') == resize.resolve_resize('auto', 'gpu') == 'matmul'
+  assert resize.resolve_resize('taps', 'tpu') == 'taps'
+  with pytest.raises(ValueError, match="resize='gather'"):
+    resize.resolve_resize('gather')
+
+
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('src,dst', SIZES)
-def test_bilinear_matches_torch(src, dst):
+def test_bilinear_matches_torch(src, dst, impl):
   x = np.random.default_rng(0).standard_normal((2, *src, 3)).astype(np.float32)
   ref = nhwc(F.interpolate(nchw(x), size=dst, mode='bilinear', align_corners=False))
-  np.testing.assert_allclose(resize.resize_bilinear(x, dst), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(resize.resize_bilinear(x, dst, impl=impl), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('src,dst', [((8, 8), (64, 64)), ((15, 20), (30, 40)), ((7, 5), (32, 20)), ((3, 4), (24, 8))])
-def test_bilinear_gradient_matches_torch(src, dst):
+def test_bilinear_gradient_matches_torch(src, dst, impl):
   """Integer factors take the gather-free path (phases of shifted slices), whose
-  gradient autodiff derives; others the gather path. Both against autograd."""
+  gradient autodiff derives; others the gather path; 'matmul' the transposed
+  products. All against autograd."""
   import jax
   import jax.numpy as jnp
 
@@ -39,7 +54,7 @@ def test_bilinear_gradient_matches_torch(src, dst):
   r = rng.standard_normal((2, *dst, 3)).astype(np.float32)
   xt = nchw(x).requires_grad_(True)
   (F.interpolate(xt, size=dst, mode='bilinear', align_corners=False) * nchw(r)).sum().backward()
-  got = jax.grad(lambda x: jnp.sum(resize.resize_bilinear(x, dst) * r))(x)
+  got = jax.grad(lambda x: jnp.sum(resize.resize_bilinear(x, dst, impl=impl) * r))(x)
   np.testing.assert_allclose(got, nhwc(xt.grad), rtol=1e-5, atol=1e-5)
 
 
@@ -62,10 +77,11 @@ def test_bilinear_does_not_antialias():
   'src,dst',
   [((256, 256), (300, 300)), ((256, 1024), (300, 1200)), ((16, 16), (16, 16)), ((20, 30), (11, 17)), ((5, 6), (23, 9))],
 )
-def test_bicubic_matches_torch(src, dst):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_bicubic_matches_torch(src, dst, impl):
   x = np.random.default_rng(2).standard_normal((1, 4, *src)).astype(np.float32)
   ref = F.interpolate(torch.from_numpy(x), size=dst, mode='bicubic', align_corners=False).numpy()
-  np.testing.assert_allclose(resize.resize_bicubic(x, dst), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(resize.resize_bicubic(x, dst, impl=impl), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -43,14 +43,16 @@ def test_torch_linspace_within_an_ulp(n):
   np.testing.assert_allclose(ours, want, rtol=0, atol=6e-8)
 
 
+@pytest.mark.parametrize('impl', ['taps', 'matmul'])  # the CPU form, the TPU / GPU one
 @pytest.mark.parametrize('hw,out', [((4, 8), (32, 64)), ((3, 5), (23, 30)), ((9, 9), (4, 5)), ((1, 3), (2, 3))])
-def test_resize_align_corners_matches_torch(hw, out):
+def test_resize_align_corners_matches_torch(hw, out, impl):
   x = np.random.default_rng(2).standard_normal((1, *hw, 3)).astype(np.float32)
   want = F.interpolate(nchw(x), size=out, mode='bilinear', align_corners=True)
-  np.testing.assert_allclose(sfc.resize_bilinear_align_corners(jnp.asarray(x), out), nhwc(want), rtol=1e-5, atol=1e-6)
+  got = sfc.resize_bilinear_align_corners(jnp.asarray(x), out, impl)
+  np.testing.assert_allclose(got, nhwc(want), rtol=1e-5, atol=1e-6)
   # and the x8 scale_factor form of the Tiny head
   want8 = F.interpolate(nchw(x), scale_factor=8, mode='bilinear', align_corners=True)
-  got8 = sfc.resize_bilinear_align_corners(jnp.asarray(x), (8 * hw[0], 8 * hw[1]))
+  got8 = sfc.resize_bilinear_align_corners(jnp.asarray(x), (8 * hw[0], 8 * hw[1]), impl)
   np.testing.assert_allclose(got8, nhwc(want8), rtol=1e-5, atol=1e-6)
 
 
